@@ -1,0 +1,5 @@
+import sys
+
+from attnfx.rewriter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kernel adapters, one module per kernel family, behind one capability table (capabilities.py)."""

@@ -1,0 +1,96 @@
+"""The capability table: what each attention kernel accepts. One table, data, no branches.
+
+Patterns never hard-code kernel facts; they ask this table (through the adapters beside it)
+whether a kernel takes K/V with fewer heads natively, a dense mask, a causal alignment, packed
+variable-length sequences, on which device/dtype/head_dim and from which torch version.
+
+``gqa`` says how a kernel treats K/V with fewer heads than Q:
+  ``"native"``  reads each K/V head once for its group of query heads (no copy);
+  ``"expands"`` accepts them but copies them to the query head count internally (no saving);
+  ``"no"``      rejects them.
+
+Sources: PyTorch's ``sdp_utils.cpp`` / ``sdp_utils_cpp.cpp`` and our measurements
+(``benchmarks/probe_kernels.py``, numbers in BENCHMARKS.md). Where a fact was only read in the
+source and not measured, ``verified`` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    family: str  # adapter module in attnfx.backends
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int | None
+    mask: bool  # takes an arbitrary dense (bool or additive) mask
+    gqa: str  # "native" | "expands" | "no"
+    causal: tuple[str, ...]  # causal alignments it implements without a mask
+    varlen: bool  # packed sequences with cu_seqlens
+    min_torch: tuple[int, int]
+    min_arch: tuple[int, int] | None = None  # CUDA compute capability
+    empty_rows: str = "unknown"  # what a query row with no allowed key gives: "zero" | "nan" | "unknown"
+    verified: str = ""
+    note: str = ""
+
+
+TABLE: tuple[Kernel, ...] = (
+    Kernel("sdpa.flash", "sdpa", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
+           causal=("top_left",), varlen=False, min_torch=(2, 5), min_arch=(8, 0),
+           verified="sdp_utils.cpp: backend_supports_grouped_query_attention = true",
+           empty_rows="n/a: takes no mask"),
+    Kernel("sdpa.efficient", "sdpa", ("cuda",), (F16, BF16, F32), None, mask=True, gqa="native",
+           causal=("top_left", "bottom_right"), varlen=False, min_torch=(2, 5), min_arch=(5, 0),
+           verified="sdp_utils.cpp (supports_gqa) ; measured with a mask on H100, torch 2.11",
+           note="bf16 needs sm80+"),
+    Kernel("sdpa.cudnn", "sdpa", ("cuda",), (F16, BF16), 128, mask=True, gqa="native",
+           causal=("top_left",), varlen=False, min_torch=(2, 5), min_arch=(8, 0),
+           verified="sdp_utils.cpp"),
+    Kernel("sdpa.math", "sdpa", ("cuda", "cpu", "npu", "xpu", "mps"), (F16, BF16, F32, F64), None, mask=True,
+           gqa="expands", causal=("top_left",), varlen=False, min_torch=(2, 5),
+           empty_rows="zero",
+           note="materializes the (B, H, L, S) scores in float32; repeat_interleaves K/V for GQA"),
+    Kernel("sdpa.cpu_flash", "sdpa", ("cpu",), (F16, BF16, F32, F64), None, mask=True, gqa="native",
+           causal=("top_left",), varlen=False, min_torch=(2, 5),
+           verified="sdp_utils_cpp.cpp (supports_gqa); measured on torch 2.13 and 2.11 CPU",
+           empty_rows="zero", note="no dropout"),
+)
+
+BY_NAME = {k.name: k for k in TABLE}
+
+
+def kernel(name: str) -> Kernel:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown kernel {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def supports(name: str, *, device: str, dtype: torch.dtype, head_dim: int | None = None,
+             arch: tuple[int, int] | None = None, version: tuple[int, int] | None = None) -> str | None:
+    """None if kernel ``name`` runs on this device/dtype/head_dim/arch/torch, else why not."""
+    k = kernel(name)
+    version = version or torch_version()
+    if device not in k.devices:
+        return f"{k.name} does not run on {device}"
+    if dtype not in k.dtypes:
+        return f"{k.name} does not take {dtype}"
+    if k.max_head_dim is not None and head_dim is not None and head_dim > k.max_head_dim:
+        return f"{k.name} takes head_dim <= {k.max_head_dim}, not {head_dim}"
+    if version < k.min_torch:
+        return f"{k.name} needs torch >= {k.min_torch[0]}.{k.min_torch[1]}"
+    if k.min_arch is not None and arch is not None and arch < k.min_arch:
+        return f"{k.name} needs compute capability >= {k.min_arch}"
+    return None

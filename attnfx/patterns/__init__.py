@@ -1,0 +1,16 @@
+"""Patterns: one module per rewrite. Each says what it matches, why the rewrite is exact, when it refuses.
+
+A pattern module exposes ``NAME`` and ``rewrite(site, ctx) -> Outcome | None``. The pass manager
+runs them in the order of :data:`ORDER`; a later pattern sees what an earlier one built (the SDPA
+call that ``manual_attention`` creates is what ``gqa`` then rewrites).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from attnfx.patterns import gqa, manual_attention
+
+ORDER: tuple[ModuleType, ...] = (manual_attention, gqa)
+REGISTRY: dict[str, ModuleType] = {m.NAME: m for m in ORDER}
+NAMES: tuple[str, ...] = tuple(REGISTRY)

@@ -1,0 +1,1 @@
+"""The rewriter: pass manager, compile backend, optimize(), verification and the report."""

@@ -1,0 +1,72 @@
+"""The ``attnfx`` torch.compile backend: rewrite the attention in the graph Dynamo captured, then
+hand the graph to the inner compiler (Inductor by default)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from attnfx.rewriter.options import Options
+from attnfx.rewriter.passes import run_passes
+from attnfx.rewriter.report import Report
+from attnfx.rewriter.verify import Verifier
+
+log = logging.getLogger("attnfx")
+
+
+def inner_compile(options: Options, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    compiler = options.compiler
+    if callable(compiler):
+        return compiler(gm, example_inputs)
+    if compiler == "eager":
+        return gm.forward
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=dict(options.inductor_config) or None)
+
+
+class Backend:
+    """A torch.compile backend that rewrites attention and keeps a report of what it did.
+
+    ``torch.compile(model, backend=attnfx.Backend(compiler="eager"))``; ``backend.report``.
+    """
+
+    def __init__(self, options: Mapping[str, Any] | Options | None = None, *, report: Report | None = None,
+                 **more: Any):
+        self.options = options if isinstance(options, Options) else Options.from_mapping(options, **more)
+        self.report = report if report is not None else Report()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        index = self.report.graphs
+        original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if self.options.verify else None
+        start = time.perf_counter()
+        sites = run_passes(gm, self.options, index)
+        self.report.add_graph([s.record for s in sites])
+        rewritten = sum(s.record.rewritten for s in sites)
+        log.info("attnfx: graph %d: %d attention site(s), %d rewritten, in %.2fs; compiling with %s",
+                 index, len(sites), rewritten, time.perf_counter() - start,
+                 getattr(self.options.compiler, "__name__", self.options.compiler))
+        compiled = inner_compile(self.options, gm, example_inputs)
+        if original is not None and rewritten:
+            return Verifier(original, gm, compiled, sites, self.options, self.report)
+        return compiled
+
+
+DEFAULT_REPORT = Report()
+
+
+def attnfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None):
+    """The backend registered as ``torch.compile(..., backend="attnfx", options={...})``.
+
+    Its sites go to the process-wide report, ``attnfx.report()``.
+    """
+    return Backend(options, report=DEFAULT_REPORT)(gm, example_inputs)

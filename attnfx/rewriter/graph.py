@@ -1,0 +1,312 @@
+"""Small helpers over the FX graphs Dynamo captures.
+
+Dynamo keeps the user's spelling: ``x.reshape(...)`` is a ``call_method`` node, ``torch.reshape(x, ...)``
+a ``call_function`` node, ``x @ y`` an ``operator.matmul`` node. Patterns should not care, so every
+node gets one normalised *op name* (``"reshape"``, ``"matmul"``, ...) and its tensor operand first.
+Every tensor-valued node carries ``meta["example_value"]``, a FakeTensor (possibly with symbolic
+sizes); new nodes get one too, so later passes can read shapes the same way.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+# call_function targets -> the method name they are equivalent to (tensor operand first).
+_FUNCTION_OPS: dict[Any, str] = {
+    torch.reshape: "reshape",
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.swapaxes: "transpose",
+    torch.swapdims: "transpose",
+    torch.unsqueeze: "unsqueeze",
+    torch.flatten: "flatten",
+    torch.repeat_interleave: "repeat_interleave",
+    torch.clone: "clone",
+    operator.getitem: "getitem",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
+    torch.bmm: "matmul",
+    torch.baddbmm: "baddbmm",
+    torch.softmax: "softmax",
+    F.softmax: "softmax",
+    torch.nn.functional.dropout: "dropout",
+    torch.dropout: "dropout",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    torch.div: "div",
+    operator.add: "add",
+    torch.add: "add",
+    operator.iadd: "add",
+    torch.where: "where",
+    torch.masked_fill: "masked_fill",
+    torch.tanh: "tanh",
+    torch.cat: "cat",
+    SDPA: "sdpa",
+}
+_METHOD_ALIASES = {
+    "view": "reshape",
+    "swapaxes": "transpose",
+    "swapdims": "transpose",
+    "bmm": "matmul",
+    "__matmul__": "matmul",
+    "masked_fill_": "masked_fill",
+    "add_": "add",
+    "mul_": "mul",
+    "div_": "div",
+    "__mul__": "mul",
+    "__truediv__": "div",
+    "__add__": "add",
+}
+
+
+def op_name(node: fx.Node) -> str | None:
+    """The normalised op a node performs, or None for placeholders/outputs/unknown functions."""
+    if node.op == "call_method":
+        return _METHOD_ALIASES.get(node.target, node.target)
+    if node.op == "call_function":
+        return _FUNCTION_OPS.get(node.target)
+    return None
+
+
+def fake(node: Any) -> Any:
+    """The example value (FakeTensor, SymInt, python value) a node or constant stands for."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def is_tensor_node(node: Any) -> bool:
+    return isinstance(node, fx.Node) and isinstance(fake(node), torch.Tensor)
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument ``name`` (position ``index``) of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def sdpa_args(node: fx.Node) -> dict[str, Any]:
+    """All arguments of an SDPA call, by name, defaults filled in."""
+    out = dict(SDPA_DEFAULTS)
+    for name, value in zip(SDPA_ARGS, node.args):
+        out[name] = value
+    out.update(node.kwargs)
+    return out
+
+
+def set_sdpa_args(node: fx.Node, args: dict[str, Any]) -> None:
+    node.args = (args["query"], args["key"], args["value"])
+    node.kwargs = {k: args[k] for k in SDPA_ARGS[3:] if k in args and (args[k] is not SDPA_DEFAULTS[k] or k == "scale")}
+
+
+# ---------------------------------------------------------------------------------------------
+# symbolic sizes
+
+
+def known_eq(a: Any, b: Any) -> bool:
+    """True when a == b holds for every value of the symbols (never adds a guard)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # pragma: no cover - exotic sympy failure: be conservative
+        return False
+
+
+def known_one(a: Any) -> bool:
+    return known_eq(a, 1)
+
+
+def hint(x: Any) -> int:
+    """A concrete value for a (possibly symbolic) size, without guarding: the traced example's."""
+    if isinstance(x, torch.SymInt):
+        node = x.node
+        h = getattr(node, "hint", None)
+        if h is not None:
+            return int(h)
+        return int(node.shape_env.size_hint(node.expr))
+    return int(x)
+
+
+def numel_hint(t: torch.Tensor) -> int:
+    n = 1
+    for s in t.shape:
+        n *= hint(s)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# editing
+
+
+def fake_mode_of(graph: fx.Graph):
+    for node in graph.nodes:
+        val = fake(node)
+        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+            return val.fake_mode
+    return None
+
+
+def _to_fake(x: Any) -> Any:
+    return fake(x) if isinstance(x, fx.Node) else x
+
+
+def emit(
+    graph: fx.Graph,
+    op: str,
+    target: Any,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    like: fx.Node | None = None,
+    name: str | None = None,
+) -> fx.Node:
+    """Create a node at the graph's current insertion point, with a FakeTensor example value.
+
+    ``like`` lends its provenance (stack trace, module stack) so reports and Inductor's
+    provenance still point at the user's code.
+    """
+    kwargs = kwargs or {}
+    node = graph.create_node(op, target, tuple(args), kwargs, name=name)
+    if like is not None:
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "attnfx_site"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+    fargs = torch.fx.node.map_aggregate(tuple(args), _to_fake)
+    fkwargs = torch.fx.node.map_aggregate(kwargs, _to_fake)
+    mode = fake_mode_of(graph)
+    try:
+        with mode if mode is not None else _nullcontext():
+            if op == "call_method":
+                value = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
+            else:
+                value = target(*fargs, **fkwargs)
+    except Exception as exc:  # the rewrite built something ill-typed: never let it through silently
+        graph.erase_node(node)
+        raise RewriteError(f"could not build {target} for the rewrite: {exc}") from exc
+    node.meta["example_value"] = value
+    return node
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class RewriteError(RuntimeError):
+    """A pattern's rewrite could not be built; the site is left as it was."""
+
+
+_SIDE_EFFECTS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                           operator.iand, operator.ior})
+
+
+def is_pure(node: fx.Node) -> bool:
+    """Whether erasing an unused node cannot change what the graph does: no in-place or effectful op."""
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if str(name).endswith("_") or node.target in _SIDE_EFFECTS:
+        return False
+    return "out" not in node.kwargs
+
+
+def erase_unused(nodes: Iterable[fx.Node]) -> int:
+    """Erase the given nodes, and what only they used, where unused and pure. Returns the count.
+
+    Deliberately not ``graph.eliminate_dead_code()``: Dynamo graphs hold in-place ``call_method``
+    nodes (``cache.index_copy_(...)``) whose results nobody reads, and those must stay.
+    """
+    stack = list(nodes)
+    erased = 0
+    while stack:
+        node = stack.pop()
+        if getattr(node, "_erased", False) or node.users or not is_pure(node):
+            continue
+        inputs = [n for n in node.all_input_nodes]
+        node.graph.erase_node(node)
+        erased += 1
+        stack.extend(inputs)
+    return erased
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance: where a node comes from in the user's code
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_INDEX = re.compile(r"\[(\d+)\]")
+_KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
+
+
+def source_of(node: fx.Node) -> str:
+    """``file:line`` of the innermost frame that made this node (the attention call itself)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return "<unknown>"
+    path, line, _ = frames[-1]
+    return f"{_short_path(path)}:{line}"
+
+
+def _short_path(path: str) -> str:
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def module_of(node: fx.Node) -> str:
+    """Qualified path of the innermost nn.Module the node was traced in (``model.layers.0.self_attn``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<root>"
+    path = list(stack.values())[-1][0]
+    return clean_module_path(path)
+
+
+def clean_module_path(path: str) -> str:
+    path = re.sub(r"^L\[['\"]self['\"]\]\.?", "", path)
+    path = re.sub(r"^L\[['\"](\w+)['\"]\]\.?", r"\1.", path)
+    path = path.replace("._modules", "")
+    path = _KEY.sub(r".\1", path)
+    path = _INDEX.sub(r".\1", path)
+    path = path.replace("..", ".").strip(".")
+    return path or "<root>"
+
+
+def users_by_op(node: fx.Node, names: Iterable[str]) -> list[fx.Node]:
+    wanted = set(names)
+    return [u for u in node.users if op_name(u) in wanted]
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def describe(node: Any) -> str:
+    if isinstance(node, fx.Node):
+        return node.name
+    return repr(node)
+

@@ -1,0 +1,84 @@
+"""The options of ``attnfx.optimize`` and of the ``attnfx`` torch.compile backend, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+import torch
+
+COMPILERS = ("inductor", "eager", "aot_eager")
+
+# default verification tolerances per dtype (rtol, atol): kernels round differently, nothing more
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (4e-2, 4e-2),
+}
+
+
+class OptionsError(ValueError):
+    """An option name or value attnfx does not accept."""
+
+
+@dataclass(frozen=True)
+class Options:
+    compiler: str | Callable = "inductor"
+    patterns: tuple[str, ...] = ()
+    verify: bool = False
+    rtol: float | None = None
+    atol: float | None = None
+    inductor_config: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None = None, **more: Any) -> "Options":
+        from attnfx.patterns import NAMES
+
+        merged = dict(options or {})
+        merged.update(more)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise OptionsError(f"unknown attnfx option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        compiler = merged.get("compiler", "inductor")
+        if not callable(compiler) and compiler not in COMPILERS:
+            raise OptionsError(f"compiler must be one of {', '.join(COMPILERS)} or a callable(gm, example_inputs), "
+                               f"not {compiler!r}")
+        merged["patterns"] = _patterns(merged.get("patterns"), NAMES)
+        for name in ("rtol", "atol"):
+            v = merged.get(name)
+            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+                raise OptionsError(f"{name} must be a non-negative number, not {v!r}")
+        if not isinstance(merged.get("verify", False), bool):
+            raise OptionsError(f"verify must be True or False, not {merged['verify']!r}")
+        cfg = merged.get("inductor_config", {}) or {}
+        if not isinstance(cfg, Mapping):
+            raise OptionsError("inductor_config must be a dict of torch._inductor.config settings")
+        merged["inductor_config"] = dict(cfg)
+        return cls(**merged)
+
+    def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:
+        rtol, atol = DEFAULT_TOLERANCES.get(dtype, (0.0, 0.0))
+        return (self.rtol if self.rtol is not None else rtol, self.atol if self.atol is not None else atol)
+
+
+def _patterns(value: Any, names: tuple[str, ...]) -> tuple[str, ...]:
+    """None/"all" -> every pattern; a list of names; or a dict {name: bool} switching from all."""
+    if value is None or value == "all":
+        return names
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Mapping):
+        chosen = [n for n in names if value.get(n, True)]
+        keys = list(value)
+    else:
+        try:
+            keys = list(value)
+        except TypeError:
+            raise OptionsError(f"patterns must be a list of names or a dict of name: bool, not {value!r}") from None
+        chosen = [n for n in names if n in keys]
+    bad = [k for k in keys if k not in names]
+    if bad:
+        raise OptionsError(f"unknown pattern(s) {', '.join(map(repr, bad))}; available: {', '.join(names)}")
+    return tuple(chosen)

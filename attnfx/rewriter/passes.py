@@ -1,0 +1,53 @@
+"""The pass manager: find the attention sites of a captured graph, run the patterns over them in
+order, clean up what they left unused, and return the sites with their records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from attnfx.backends.sdpa import describe_call
+from attnfx.patterns import ORDER
+from attnfx.rewriter.graph import RewriteError, erase_unused
+from attnfx.rewriter.options import Options
+from attnfx.rewriter.site import Outcome, Site, find_sites
+
+
+@dataclass
+class PassContext:
+    gm: fx.GraphModule
+    options: Options
+    graph_index: int
+
+
+def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0) -> list[Site]:
+    """Rewrite ``gm`` in place. Returns every attention site found, each with its record."""
+    ctx = PassContext(gm, options, graph_index)
+    sites = find_sites(gm, graph_index)
+    for pattern in ORDER:
+        if pattern.NAME not in options.patterns:
+            continue
+        for site in sites:
+            try:
+                outcome = pattern.rewrite(site, ctx)
+            except RewriteError as exc:
+                outcome = Outcome.refuse(f"rewrite could not be built ({exc})")
+            if outcome is None:
+                continue
+            site.record.matched(pattern.NAME, rewritten=outcome.rewritten, reason=outcome.reason,
+                                target=outcome.target, savings=outcome.savings, **outcome.details)
+            if outcome.node is not None:
+                site.node = outcome.node
+            if outcome.output is not None:
+                site.output = outcome.output
+            erase_unused(outcome.replaced)
+    for site in sites:
+        rec = site.record
+        rec.target = describe_call(site.node) if rec.rewritten else (
+            "unchanged: " + ("F.scaled_dot_product_attention" if rec.kind == "sdpa" else "softmax(q @ kᵀ) @ v"))
+        if not rec.patterns:
+            rec.note("no pattern applies")
+    gm.graph.lint()
+    gm.recompile()
+    return sites

@@ -1,0 +1,182 @@
+"""What attnfx did, per attention site: records written by the passes, and the report built from them.
+
+A :class:`SiteRecord` is created when a site is found and is then filled by each pattern that
+looks at it (matched or not, rewritten or refused, why, what it saves). The :class:`Report` is only
+a collection of those records: it never walks a graph itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SiteRecord:
+    module: str
+    source: str
+    graph: int  # which captured graph (0, 1, ... in compile order)
+    index: int  # position of the site within its graph
+    kind: str  # "sdpa" | "manual"
+    patterns: list[str] = field(default_factory=list)
+    rewritten: bool = False
+    target: str = ""
+    reasons: list[str] = field(default_factory=list)
+    savings: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+    @property
+    def key(self) -> tuple:
+        return (self.module, self.source, self.details.get("occurrence", 0))
+
+    def matched(self, pattern: str, *, rewritten: bool, reason: str | None = None, target: str | None = None,
+                savings: dict[str, Any] | None = None, **details: Any) -> None:
+        """Record one pattern's outcome at this site."""
+        if pattern not in self.patterns:
+            self.patterns.append(pattern)
+        if rewritten:
+            self.rewritten = True
+        if target:
+            self.target = target
+        if reason:
+            self.reasons.append(f"{pattern}: {reason}")
+        for k, v in (savings or {}).items():
+            self.savings[k] = self.savings.get(k, 0) + v if isinstance(v, (int, float)) else v
+        self.details.update(details)
+
+    def note(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "source": self.source,
+            "graph": self.graph,
+            "index": self.index,
+            "kind": self.kind,
+            "patterns": list(self.patterns),
+            "rewritten": self.rewritten,
+            "target": self.target,
+            "reason": self.reason,
+            "savings": _jsonable(self.savings),
+            **{k: _jsonable(v) for k, v in self.details.items() if k != "occurrence"},
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (torch.dtype, torch.device)):
+        return str(x)
+    if isinstance(x, (bool, int, float, str)) or x is None:
+        return x
+    return str(x)
+
+
+class Report:
+    """The rewrite report of an optimized model (or of every graph the ``attnfx`` backend compiled).
+
+    Sites are keyed by (module, source, occurrence); a recompilation (new shapes, train/eval switch)
+    replaces the records of the sites it covers, so the report describes the latest compiled code.
+    """
+
+    def __init__(self) -> None:
+        self._sites: dict[tuple, SiteRecord] = {}
+        self.graphs = 0
+        self.verified: bool | None = None
+
+    def add_graph(self, records: list[SiteRecord]) -> None:
+        self.graphs += 1
+        for rec in records:
+            self._sites[rec.key] = rec
+
+    @property
+    def sites(self) -> list[SiteRecord]:
+        return list(self._sites.values())
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def summary(self) -> dict[str, Any]:
+        sites = self.sites
+        saved: dict[str, Any] = {}
+        for s in sites:
+            for k, v in s.savings.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    saved[k] = saved.get(k, 0) + v
+        return {
+            "sites": len(sites),
+            "rewritten": sum(s.rewritten for s in sites),
+            "graphs": self.graphs,
+            "savings": saved,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        from attnfx import __version__
+
+        return {
+            "attnfx": __version__,
+            "torch": torch.__version__,
+            "summary": self.summary(),
+            "verified": self.verified,
+            "sites": [s.to_dict() for s in self.sites],
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def __str__(self) -> str:
+        sites = self.sites
+        if not sites:
+            return "attnfx: no attention sites found (has the model been called once since optimize()?)"
+        rows = [("#", "module", "source", "patterns", "rewritten", "target", "saves", "reason")]
+        for i, s in enumerate(sites):
+            rows.append((
+                str(i), s.module, s.source, ",".join(s.patterns) or "-", "yes" if s.rewritten else "no",
+                s.target or "-", _fmt_savings(s.savings), s.reason or "-",
+            ))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+        lines = []
+        for r in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1])
+        summ = self.summary()
+        tail = f"{summ['rewritten']}/{summ['sites']} attention sites rewritten in {summ['graphs']} graph(s)"
+        if summ["savings"]:
+            tail += "; per call: " + _fmt_savings(summ["savings"])
+        if self.verified:
+            tail += "; verified against the original"
+        return "\n".join(lines + ["", tail])
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return f"<attnfx.Report {s['rewritten']}/{s['sites']} sites rewritten>"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _fmt_savings(savings: dict[str, Any]) -> str:
+    parts = []
+    for k, v in savings.items():
+        if k.endswith("_bytes") and isinstance(v, (int, float)):
+            parts.append(f"{k[:-6]} {_fmt_bytes(v)}")
+        else:
+            parts.append(f"{k} {v}")
+    return ", ".join(parts) or "-"

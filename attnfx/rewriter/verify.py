@@ -1,0 +1,128 @@
+"""``verify=True``: on the first call of each compiled graph, run the graph as captured and as
+rewritten side by side, compare every rewritten site's output and the graph's outputs, and raise
+:class:`VerificationError` naming the first site that differs beyond the dtype's tolerance."""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from attnfx.rewriter.graph import op_name
+from attnfx.rewriter.options import Options
+from attnfx.rewriter.report import Report
+from attnfx.rewriter.site import Site
+
+log = logging.getLogger("attnfx")
+
+_VIEW_OPS = {"getitem", "reshape", "transpose", "permute", "unsqueeze", "flatten", "expand", "narrow", "select"}
+
+
+class VerificationError(AssertionError):
+    """The rewritten graph's result differs from the original's beyond rounding."""
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
+
+
+def mutated_inputs(graph: fx.Graph) -> set[int]:
+    """Indices of placeholders that the graph writes to in place (through views)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    out = set()
+    for n in graph.nodes:
+        inplace = (n.op == "call_method" and str(n.target).endswith("_")) or n.target in (
+            operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
+        if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        base = n.args[0]
+        while op_name(base) in _VIEW_OPS or (base.op == "call_method" and base.target in _VIEW_OPS):
+            base = base.args[0]
+        if base.op == "placeholder":
+            out.add(placeholders.index(base))
+    return out
+
+
+def _difference(expected: Any, actual: Any, options: Options) -> str | None:
+    if not isinstance(expected, torch.Tensor):
+        return None
+    if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
+        return f"shape {tuple(getattr(actual, 'shape', ()))} instead of {tuple(expected.shape)}"
+    if not expected.dtype.is_floating_point:
+        return None if torch.equal(actual, expected) else "integer/bool values differ"
+    rtol, atol = options.tolerance(expected.dtype)
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+    except AssertionError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        return " ".join(lines[:4])
+    return None
+
+
+class Verifier:
+    """The compiled callable, wrapped so that its first call is checked against the original graph."""
+
+    def __init__(self, original: fx.GraphModule, rewritten: fx.GraphModule, compiled: Callable,
+                 sites: Sequence[Site], options: Options, report: Report):
+        self.original, self.rewritten, self.compiled = original, rewritten, compiled
+        self.sites = [s for s in sites if s.record.rewritten]
+        self.options, self.report = options, report
+        self.pending = True
+
+    def __call__(self, *args: Any) -> Any:
+        if self.pending:
+            self.check(args)
+            self.pending = False
+        if getattr(self.compiled, "_boxed_call", False):
+            return self.compiled(list(args))
+        return self.compiled(*args)
+
+    def check(self, args: Sequence[Any]) -> None:
+        mutated = mutated_inputs(self.original.graph)
+
+        def fresh() -> list:
+            return [a.clone() if i in mutated and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+
+        devices = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            cpu_state = torch.random.get_rng_state()
+            cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+            orig = _Capture(self.original, {s.original_output for s in self.sites})
+            expected = orig.run(*fresh())
+            torch.random.set_rng_state(cpu_state)
+            for d, st in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(st, d)
+            new = _Capture(self.rewritten, {s.output.name for s in self.sites})
+            actual = new.run(*fresh())
+        for site in self.sites:
+            diff = _difference(orig.values.get(site.original_output), new.values.get(site.output.name), self.options)
+            if diff is not None:
+                rec = site.record
+                raise VerificationError(
+                    f"attnfx verify: attention site {rec.module} ({rec.source}) rewritten by "
+                    f"{'+'.join(rec.patterns)} into {rec.target} differs from the original: {diff}")
+        flat_e, flat_a = _flatten(expected), _flatten(actual)
+        for i, (e, a) in enumerate(zip(flat_e, flat_a)):
+            diff = _difference(e, a, self.options)
+            if diff is not None:
+                raise VerificationError(f"attnfx verify: graph output {i} differs from the original: {diff}")
+        if self.report.verified is not False:
+            self.report.verified = True
+        log.info("attnfx: verified %d rewritten site(s) against the original graph", len(self.sites))
+
+
+def _flatten(x: Any) -> list:
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flatten(v)]
+    return [x]
