@@ -18,6 +18,7 @@ class Compiled:
             return gm.forward
 
         options.setdefault("compiler", keep)
+        options.setdefault("strict", True)
         self.backend = attnfx.Backend(**options)
         self.fn = torch.compile(fn, backend=self.backend, dynamic=dynamic)
 

@@ -176,7 +176,8 @@ def trace(node: fx.Node, max_depth: int = 12) -> list[tuple[fx.Node, Layout, lis
     """
     chain: list[fx.Node] = []
     cur = node
-    while op_name(cur) in MOVEMENT_OPS and isinstance(cur.args[0], fx.Node) and len(chain) < max_depth:
+    while (op_name(cur) in MOVEMENT_OPS and isinstance(cur.args[0], fx.Node)
+           and isinstance(fake(cur.args[0]), torch.Tensor) and len(chain) < max_depth):
         chain.append(cur)
         cur = cur.args[0]
     chain.reverse()  # source-most first

@@ -44,7 +44,7 @@ import torch.fx as fx
 
 from attnfx.backends.sdpa import SdpaInputs, predict_kernel
 from attnfx.rewriter.graph import SDPA, arg, emit, fake, is_tensor_node, known_eq, numel_hint, op_name
-from attnfx.rewriter.site import Outcome, Site, prob_matmul
+from attnfx.rewriter.site import PROB_IDENTITIES, Outcome, Site, prob_matmul
 
 NAME = "manual_attention"
 
@@ -262,6 +262,8 @@ def _rewrite(site: Site, softmax: fx.Node) -> Outcome:
             p, training = arg(n, 1, "p", 0.5), arg(n, 2, "training", True)
             if not (p == 0 or training is False):
                 raise Refuse(f"dropout p={p} is active (training); the result is random")
+        elif op_name(n) not in PROB_IDENTITIES:
+            raise Refuse(f"probabilities pass through {op_name(n)} ({n.name}) before the matmul (attention sinks?)")
     if len(n.users) != 1:
         raise Refuse(f"attention probabilities ({n.name}) are also used elsewhere (returned as weights?)")
 

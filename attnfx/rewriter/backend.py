@@ -14,6 +14,7 @@ import torch.fx as fx
 from attnfx.rewriter.options import Options
 from attnfx.rewriter.passes import run_passes
 from attnfx.rewriter.report import Report
+from attnfx.rewriter.site import find_sites
 from attnfx.rewriter.verify import Verifier
 
 log = logging.getLogger("attnfx")
@@ -47,17 +48,29 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         index = self.report.graphs
-        original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if self.options.verify else None
+        captured = copy.deepcopy(gm.graph)
         start = time.perf_counter()
-        sites = run_passes(gm, self.options, index)
+        try:
+            sites = run_passes(gm, self.options, index)
+        except Exception as exc:
+            if self.options.strict:
+                raise
+            # a bug of attnfx must never break the user's compile: compile the graph as captured
+            log.warning("attnfx: internal error while rewriting graph %d; compiling it unchanged", index,
+                        exc_info=True)
+            gm.graph = copy.deepcopy(captured)
+            gm.recompile()
+            sites = find_sites(gm, index)
+            for s in sites:
+                s.record.note(f"attnfx internal error ({type(exc).__name__}: {exc}); graph left as captured")
         self.report.add_graph([s.record for s in sites])
         rewritten = sum(s.record.rewritten for s in sites)
         log.info("attnfx: graph %d: %d attention site(s), %d rewritten, in %.2fs; compiling with %s",
                  index, len(sites), rewritten, time.perf_counter() - start,
                  getattr(self.options.compiler, "__name__", self.options.compiler))
         compiled = inner_compile(self.options, gm, example_inputs)
-        if original is not None and rewritten:
-            return Verifier(original, gm, compiled, sites, self.options, self.report)
+        if self.options.verify and rewritten:
+            return Verifier(fx.GraphModule(gm, captured), gm, compiled, sites, self.options, self.report)
         return compiled
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -30,6 +31,8 @@ class Options:
     rtol: float | None = None
     atol: float | None = None
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
+    # raise attnfx's own internal errors instead of compiling the graph unchanged (default: $ATTNFX_STRICT=1)
+    strict: bool = field(default_factory=lambda: os.environ.get("ATTNFX_STRICT", "") == "1")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None = None, **more: Any) -> "Options":
@@ -50,8 +53,9 @@ class Options:
             v = merged.get(name)
             if v is not None and not (isinstance(v, (int, float)) and v >= 0):
                 raise OptionsError(f"{name} must be a non-negative number, not {v!r}")
-        if not isinstance(merged.get("verify", False), bool):
-            raise OptionsError(f"verify must be True or False, not {merged['verify']!r}")
+        for name in ("verify", "strict"):
+            if not isinstance(merged.get(name, False), bool):
+                raise OptionsError(f"{name} must be True or False, not {merged[name]!r}")
         cfg = merged.get("inductor_config", {}) or {}
         if not isinstance(cfg, Mapping):
             raise OptionsError("inductor_config must be a dict of torch._inductor.config settings")

@@ -17,8 +17,10 @@ import torch.fx as fx
 from attnfx.rewriter.graph import module_of, op_name, source_of
 from attnfx.rewriter.report import SiteRecord
 
-# ops that may sit between a softmax and the matmul that applies its probabilities
-PROB_PASSTHROUGH = frozenset({"to", "float", "half", "bfloat16", "type", "type_as", "dropout", "contiguous"})
+# ops that may sit between a softmax and the matmul that applies its probabilities: casts and dropout
+# (the identity in eval), and slicing, which makes it a site we must refuse (attention sinks)
+PROB_IDENTITIES = frozenset({"to", "float", "half", "bfloat16", "type", "type_as", "dropout", "contiguous"})
+PROB_PASSTHROUGH = PROB_IDENTITIES | {"getitem"}
 
 
 @dataclass

@@ -84,8 +84,6 @@ class Verifier:
         if self.pending:
             self.check(args)
             self.pending = False
-        if getattr(self.compiled, "_boxed_call", False):
-            return self.compiled(list(args))
         return self.compiled(*args)
 
     def check(self, args: Sequence[Any]) -> None:

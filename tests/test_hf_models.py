@@ -1,0 +1,80 @@
+"""Real models nobody here wrote: tiny HF transformers models, sdpa and eager attention, left padding,
+two sequence lengths. Logits must equal the original's and every layer's site must be rewritten gqa."""
+
+import pytest
+import torch
+from hf_models import ARCHS, batch, build
+
+import attnfx
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_logits_equal_and_every_layer_rewritten(arch, attn):
+    model = build(arch, attn)
+    opt = attnfx.optimize(model, compiler="eager")
+    with torch.no_grad():
+        for length in (7, 11):
+            ids, mask = batch(length)
+            expected = model(ids, attention_mask=mask).logits
+            actual = opt(ids, attention_mask=mask).logits
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    report = attnfx.report(opt)
+    layers = model.config.num_hidden_layers
+    assert len(report.sites) == layers
+    expected_patterns = ["gqa"] if attn == "sdpa" else ["manual_attention", "gqa"]
+    for i, site in enumerate(report.sites):
+        assert site.module == f"model.layers.{i}.self_attn"
+        assert site.rewritten and site.patterns == expected_patterns, (site.patterns, site.reason)
+        assert "enable_gqa=True" in site.target
+        assert site.savings["kv_expansion_bytes"] > 0
+        assert ":" in site.source and site.source.endswith(tuple("0123456789"))
+
+
+def test_gemma2_soft_capping_is_refused_in_eager():
+    model = build_gemma2("eager")
+    opt = attnfx.optimize(model, compiler="eager")
+    ids, mask = batch(9)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-4)
+    sites = attnfx.report(opt).sites
+    assert sites and all(not s.rewritten and "soft-capping" in s.reason for s in sites)
+
+
+def build_gemma2(attn):
+    import transformers
+
+    cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    attn_logit_softcapping=50.0, sliding_window=4)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.Gemma2ForCausalLM(cfg).eval()
+
+
+def test_training_step_gradients_match():
+    model = build("llama", "sdpa")
+    opt = attnfx.optimize(model, compiler="eager")
+    model.train()
+    ids, mask = batch(9)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads(m):
+        model.zero_grad()
+        m(ids, attention_mask=mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected, actual = grads(model), grads(opt)
+    assert attnfx.report(opt).sites[0].rewritten
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_verify_mode_passes_on_a_real_model():
+    model = build("qwen2", "eager")
+    opt = attnfx.optimize(model, compiler="eager", verify=True)
+    ids, mask = batch(8)
+    with torch.no_grad():
+        opt(ids, attention_mask=mask)
+    assert attnfx.report(opt).verified is True

@@ -1,0 +1,281 @@
+"""manual_attention pattern: softmax(q kᵀ · scale + mask) v as eager code writes it becomes SDPA, exactly;
+anything that changes the math is refused with a reason."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Compiled, assert_same
+
+B, H, HKV, L, S, D = 2, 4, 2, 6, 6, 16
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+def hf_eager(q, k, v, mask, training=False):
+    """transformers' eager_attention_forward, verbatim in structure."""
+    k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
+    w = torch.matmul(q, k.transpose(2, 3)) * D**-0.5
+    if mask is not None:
+        w = w + mask[:, :, :, : k.shape[-2]]
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    w = F.dropout(w, p=0.0, training=training)
+    return torch.matmul(w, v).transpose(1, 2).contiguous()
+
+
+def hf_mask(dtype, padded=True):
+    allowed = torch.ones(B, 1, L, S, dtype=torch.bool).tril()
+    if padded:
+        allowed[1, :, :, :2] = False  # left padding of row 1
+    return torch.where(allowed, torch.tensor(0.0, dtype=dtype), torch.finfo(dtype).min)
+
+
+def inputs(dtype=torch.float32, kv_heads=HKV, requires_grad=False):
+    q = torch.randn(B, H, L, D, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(B, kv_heads, S, D, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, kv_heads, S, D, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+def check(fn, *args, patterns=("manual_attention", "gqa"), dtype=torch.float32):
+    c = Compiled(fn)
+    assert_same(c(*args), fn(*args), dtype)
+    (site,) = c.sites
+    assert site.kind == "manual"
+    assert site.patterns == list(patterns) and site.rewritten, site.reason
+    assert "softmax" not in c.ops() and "matmul" not in c.ops()
+    assert len(c.sdpa_nodes()) == 1
+    return site, c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_eager_attention(dtype):
+    q, k, v = inputs(dtype)
+    site, c = check(hf_eager, q, k, v, hf_mask(dtype), dtype=dtype)
+    assert "attn_mask=float" in site.target and "enable_gqa=True" in site.target
+    assert site.details["scale"] == pytest.approx(D**-0.5)
+    # the mask is a graph input: it may hold -inf, so rows with no key are guarded to stay NaN
+    assert "NaN" in site.reason
+
+
+def test_mask_built_in_the_graph_from_finfo_min_needs_no_guard():
+    q, k, v = inputs()
+    lengths = torch.tensor([S, S - 2])
+
+    def attn(q, k, v, lengths):
+        allowed = torch.arange(S)[None, :] < lengths[:, None]
+        mask = torch.where(allowed, 0.0, torch.finfo(q.dtype).min)[:, None, None, :]
+        return hf_eager(q, k, v, mask)
+
+    site, c = check(attn, q, k, v, lengths)
+    assert site.reason == ""
+    assert "masked_fill" not in c.ops()
+
+
+def test_hf_eager_rows_with_no_key_keep_uniform_weights():
+    q, k, v = inputs()
+    mask = hf_mask(torch.float32)
+    mask[0, :, 3] = torch.finfo(torch.float32).min  # a row with no allowed key: eager gives mean(v)
+    check(hf_eager, q, k, v, mask)
+
+
+def test_masked_fill_minus_inf_keeps_nan_rows():
+    q, k, v = inputs(kv_heads=H)
+    allowed = torch.rand(B, 1, L, S) > 0.4
+    allowed[0, 0, 2] = False  # no key: NaN in eager
+
+    def attn(q, k, v, allowed):
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+        s = s.masked_fill(allowed == 0, float("-inf"))
+        return s.softmax(dim=-1) @ v
+
+    expected = attn(q, k, v, allowed)
+    assert expected[0, :, 2].isnan().all()
+    site, _ = check(attn, q, k, v, allowed, patterns=("manual_attention",))
+    assert "NaN" in site.reason and "attn_mask=bool" in site.target
+
+
+def test_where_minus_inf():
+    q, k, v = inputs(kv_heads=H)
+    allowed = torch.ones(L, S, dtype=torch.bool).tril()
+
+    def attn(q, k, v):
+        s = torch.matmul(q, k.transpose(-2, -1)) * 0.3
+        return torch.matmul(torch.where(allowed, s, float("-inf")).softmax(-1), v)
+
+    check(attn, q, k, v, patterns=("manual_attention",))
+
+
+def test_masked_fill_finfo_min():
+    q, k, v = inputs(kv_heads=H)
+    excluded = torch.rand(B, 1, L, S) > 0.6
+    excluded[1, 0, 4] = True
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.25
+        s = s.masked_fill(excluded, torch.finfo(s.dtype).min)
+        return torch.softmax(s, -1) @ v
+
+    check(attn, q, k, v, patterns=("manual_attention",))
+
+
+def test_scale_after_additive_mask_scales_the_mask():
+    q, k, v = inputs(kv_heads=H)
+    bias = torch.randn(1, H, L, S)  # an ALiBi-like bias: SDPA's float mask carries it
+
+    def attn(q, k, v):
+        return ((q @ k.transpose(-1, -2) + bias) * 0.125).softmax(-1) @ v
+
+    check(attn, q, k, v, patterns=("manual_attention",))
+
+
+def test_prescaled_query_and_dropout_in_eval():
+    q, k, v = inputs()
+
+    def attn(q, k, v):
+        s = (q * D**-0.5) @ repeat_kv(k, 2).transpose(-1, -2)
+        p = F.dropout(s.float().softmax(-1).to(q.dtype), p=0.1, training=False)
+        return p @ repeat_kv(v, 2)
+
+    site, _ = check(attn, q, k, v)
+    assert site.details["scale"] == 1.0
+
+
+def test_diffusers_baddbmm_processor():
+    """diffusers' AttnProcessor: baddbmm(mask, q, kᵀ, beta=1, alpha=scale), softmax, bmm (3-D)."""
+    q, k, v = (torch.randn(B * H, L, D) for _ in range(3))
+    mask = torch.randn(B * H, 1, S)
+
+    def attn(q, k, v):
+        scores = torch.baddbmm(mask, q, k.transpose(-1, -2), beta=1, alpha=D**-0.5)
+        return torch.bmm(scores.softmax(dim=-1), v)
+
+    check(attn, q, k, v, patterns=("manual_attention",))
+
+
+def test_symbolic_inverse_sqrt_scale_under_dynamic_shapes():
+    def attn(q, k, v):
+        return ((q @ k.transpose(-1, -2)) / q.size(-1) ** 0.5).softmax(-1) @ v
+
+    c = Compiled(attn, dynamic=True)
+    for length in (5, 8):
+        q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
+        assert_same(c(q, k, v), attn(q, k, v))
+    assert len(c.graphs) == 1
+    (site,) = c.sites
+    assert site.rewritten and site.details["scale"] == "1/sqrt(head_dim)"
+
+
+def test_gradients_match_in_training():
+    q, k, v = inputs(requires_grad=True)
+    mask = hf_mask(torch.float32)
+    c = Compiled(lambda q, k, v: hf_eager(q, k, v, mask, training=True))
+    grad = torch.randn(B, L, H, D)
+    # Query rows with no allowed key (left padding) get no gradient from a real loss; kernels differ
+    # in what they would back-propagate there (see README, "Exactness"), so the test, like training, sends none.
+    no_key = (mask == torch.finfo(torch.float32).min).all(-1)[:, 0]  # (B, L)
+    grad[no_key] = 0
+    expected = torch.autograd.grad(hf_eager(q, k, v, mask, training=True), (q, k, v), grad)
+    actual = torch.autograd.grad(c(q, k, v), (q, k, v), grad)
+    assert c.sites[0].rewritten
+    for a, e in zip(actual, expected):
+        assert_same(a, e)
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def refused(fn, *args):
+    c = Compiled(fn)
+    out, ref = c(*args), fn(*args)
+    for a, e in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        assert_same(a, e)
+    (site,) = c.sites
+    assert site.kind == "manual" and site.patterns == ["manual_attention"] and not site.rewritten
+    assert "softmax" in c.ops()
+    return site
+
+
+def test_soft_capping_is_refused():
+    q, k, v = inputs(kv_heads=H)
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.25
+        s = torch.tanh(s / 50.0) * 50.0
+        return s.softmax(-1) @ v
+
+    assert "soft-capping" in refused(attn, q, k, v).reason
+
+
+def test_attention_sinks_are_refused():
+    q, k, v = inputs(kv_heads=H)
+    sinks = torch.randn(1, H, L, 1)
+
+    def attn(q, k, v):
+        s = torch.cat([q @ k.transpose(-1, -2) * 0.25, sinks.expand(B, -1, -1, -1)], dim=-1)
+        return s.softmax(-1)[..., :-1] @ v
+
+    assert "sinks" in refused(attn, q, k, v).reason or "pass through" in refused(attn, q, k, v).reason
+
+
+def test_active_dropout_is_refused():
+    q, k, v = inputs(kv_heads=H)
+
+    def attn(q, k, v):
+        return F.dropout((q @ k.transpose(-1, -2)).softmax(-1), p=0.0, training=True) @ v, \
+            F.dropout((q @ k.transpose(-1, -2)).softmax(-1), p=0.5, training=True).shape
+
+    c = Compiled(lambda q, k, v: F.dropout((q @ k.transpose(-1, -2)).softmax(-1), p=0.5, training=True) @ v)
+    c(q, k, v)
+    (site,) = c.sites
+    assert not site.rewritten and "dropout p=0.5" in site.reason
+
+
+def test_returned_probabilities_are_refused():
+    q, k, v = inputs(kv_heads=H)
+
+    def attn(q, k, v):
+        p = (q @ k.transpose(-1, -2) * 0.25).softmax(-1)
+        return p @ v, p
+
+    assert "also used elsewhere" in refused(attn, q, k, v).reason
+
+
+def test_other_finite_fill_is_refused():
+    q, k, v = inputs(kv_heads=H)
+    excluded = torch.rand(B, 1, L, S) > 0.5
+
+    def attn(q, k, v):
+        return (q @ k.transpose(-1, -2)).masked_fill(excluded, -1e9).softmax(-1) @ v
+
+    assert "-1000000000.0" in refused(attn, q, k, v).reason
+
+
+def test_softmax_over_queries_is_refused():
+    q, k, v = inputs(kv_heads=H)
+    assert "dim -2" in refused(lambda q, k, v: (q @ k.transpose(-1, -2)).softmax(-2) @ v, q, k, v).reason
+
+
+def test_mask_in_another_dtype_is_refused():
+    q, k, v = inputs(torch.bfloat16, kv_heads=H)
+    mask = torch.randn(B, 1, L, S)  # float32 mask added to bf16 scores: eager promotes, SDPA cannot
+
+    def attn(q, k, v):
+        return ((q @ k.transpose(-1, -2)) + mask).softmax(-1).to(q.dtype) @ v
+
+    c = Compiled(attn)
+    assert_same(c(q, k, v), attn(q, k, v), torch.bfloat16)
+    (site,) = c.sites
+    assert not site.rewritten and "float32 while q is torch.bfloat16" in site.reason
+
+
+def test_non_attention_softmax_is_not_a_site():
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 3)
+    c = Compiled(lambda x: torch.topk((x @ w).softmax(-1), 2).values)
+    c(x)
+    assert len(c.sites) == 0
