@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from helpers import Compiled, assert_same
 
+from attnfx.rewriter.graph import op_name
+
 B, H, HKV, L, S, D = 2, 4, 2, 6, 6, 16
 
 
@@ -62,7 +64,7 @@ def test_hf_eager_attention(dtype):
     assert "NaN" in site.reason
 
 
-def test_mask_built_in_the_graph_from_finfo_min_needs_no_guard():
+def test_mask_built_in_the_graph_from_finfo_min_needs_no_nan_guard():
     q, k, v = inputs()
     lengths = torch.tensor([S, S - 2])
 
@@ -72,8 +74,38 @@ def test_mask_built_in_the_graph_from_finfo_min_needs_no_guard():
         return hf_eager(q, k, v, mask)
 
     site, c = check(attn, q, k, v, lengths)
-    assert site.reason == ""
+    assert "NaN" not in site.reason and "mean of v" in site.reason
     assert "masked_fill" not in c.ops()
+    # the guard's mean of v is taken on the un-expanded v: the K/V copies are still gone
+    assert site.savings["kv_expansion_bytes"] == 2 * B * H * S * D * 4
+    assert "expand" not in c.ops()
+
+
+def _zero_no_key_rows_like_cuda(q, k, v, attn_mask=None, **kw):
+    """SDPA as CUDA's efficient/cuDNN kernels behave: a row whose float mask is all finfo.min gives 0."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        out = out.masked_fill((attn_mask == torch.finfo(attn_mask.dtype).min).all(-1, keepdim=True), 0.0)
+    return out
+
+
+def test_rows_of_finfo_min_keep_eager_result_on_a_kernel_that_zeroes_them():
+    q, k, v = inputs()
+    mask = hf_mask(torch.float32)  # left padding: rows 0 and 1 of batch 1 have no allowed key
+    expected = hf_eager(q, k, v, mask)
+
+    def swap_sdpa(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if op_name(n) == "sdpa":
+                n.target = _zero_no_key_rows_like_cuda
+        gm.recompile()
+        return gm.forward
+
+    c = Compiled(lambda q, k, v, m: hf_eager(q, k, v, m), compiler=swap_sdpa)
+    assert_same(c(q, k, v, mask), expected)
+    assert c.sites[0].rewritten
+    alone = _zero_no_key_rows_like_cuda(q, k, v, mask, enable_gqa=True)
+    assert alone[1, :, 0].abs().sum() == 0  # the kernel alone would differ from eager on that row
 
 
 def test_hf_eager_rows_with_no_key_keep_uniform_weights():

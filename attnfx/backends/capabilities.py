@@ -16,11 +16,18 @@ source and not measured, ``verified`` says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+
+# What a kernel returns for a query row with no allowed key, per mask spelling:
+#   "bool" (all False), "-inf" (additive, all -inf), "finfo.min" (additive, all finfo(dtype).min).
+# Values: "zero", "nan", "mean_v" (uniform weights, as eager softmax gives), "other" (neither: not
+# reproducible by another kernel), "unknown" (not measured).
+NoKeyRows = dict
 
 
 @dataclass(frozen=True)
@@ -36,31 +43,37 @@ class Kernel:
     varlen: bool  # packed sequences with cu_seqlens
     min_torch: tuple[int, int]
     min_arch: tuple[int, int] | None = None  # CUDA compute capability
-    empty_rows: str = "unknown"  # what a query row with no allowed key gives: "zero" | "nan" | "unknown"
+    no_key_rows: NoKeyRows = field(default_factory=lambda: {"bool": "unknown", "-inf": "unknown",
+                                                            "finfo.min": "unknown"})
     verified: str = ""
     note: str = ""
 
 
+_ZERO_ZERO_MEAN = {"bool": "zero", "-inf": "zero", "finfo.min": "mean_v"}
+
 TABLE: tuple[Kernel, ...] = (
     Kernel("sdpa.flash", "sdpa", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
            causal=("top_left",), varlen=False, min_torch=(2, 5), min_arch=(8, 0),
-           verified="sdp_utils.cpp: backend_supports_grouped_query_attention = true",
-           empty_rows="n/a: takes no mask"),
-    Kernel("sdpa.efficient", "sdpa", ("cuda",), (F16, BF16, F32), None, mask=True, gqa="native",
+           no_key_rows={"bool": "n/a", "-inf": "n/a", "finfo.min": "n/a"},
+           verified="sdp_utils.cpp: backend_supports_grouped_query_attention = true"),
+    Kernel("sdpa.efficient", "sdpa", ("cuda",), (F16, BF16, F32), None, mask=True, gqa="no",
            causal=("top_left", "bottom_right"), varlen=False, min_torch=(2, 5), min_arch=(5, 0),
-           verified="sdp_utils.cpp (supports_gqa) ; measured with a mask on H100, torch 2.11",
-           note="bf16 needs sm80+"),
-    Kernel("sdpa.cudnn", "sdpa", ("cuda",), (F16, BF16), 128, mask=True, gqa="native",
-           causal=("top_left",), varlen=False, min_torch=(2, 5), min_arch=(8, 0),
-           verified="sdp_utils.cpp"),
+           no_key_rows={"bool": "zero", "-inf": "zero", "finfo.min": "zero"},
+           verified="measured on H200, torch 2.11: rejects K/V with fewer heads (selector falls back to math); "
+                    "finfo.min rows give 0 (its exp2 scaling overflows finfo.min to -inf)",
+           note="bf16 needs sm80+; GQA accepted in later torch versions per sdp_utils.cpp (not measured)"),
+    Kernel("sdpa.cudnn", "sdpa", ("cuda",), (F16, BF16), 256, mask=True, gqa="native",
+           causal=("top_left",), varlen=False, min_torch=(2, 5), min_arch=(9, 0),
+           no_key_rows={"bool": "other", "-inf": "zero", "finfo.min": "zero"},
+           verified="measured on H200, torch 2.11: default for fp16/bf16 (d 64-256, with and without masks), "
+                    "takes GQA with masks"),
     Kernel("sdpa.math", "sdpa", ("cuda", "cpu", "npu", "xpu", "mps"), (F16, BF16, F32, F64), None, mask=True,
-           gqa="expands", causal=("top_left",), varlen=False, min_torch=(2, 5),
-           empty_rows="zero",
+           gqa="expands", causal=("top_left",), varlen=False, min_torch=(2, 5), no_key_rows=_ZERO_ZERO_MEAN,
+           verified="measured on H200 torch 2.11 and CPU torch 2.13",
            note="materializes the (B, H, L, S) scores in float32; repeat_interleaves K/V for GQA"),
     Kernel("sdpa.cpu_flash", "sdpa", ("cpu",), (F16, BF16, F32, F64), None, mask=True, gqa="native",
-           causal=("top_left",), varlen=False, min_torch=(2, 5),
-           verified="sdp_utils_cpp.cpp (supports_gqa); measured on torch 2.13 and 2.11 CPU",
-           empty_rows="zero", note="no dropout"),
+           causal=("top_left",), varlen=False, min_torch=(2, 5), no_key_rows=_ZERO_ZERO_MEAN,
+           verified="sdp_utils_cpp.cpp (supports_gqa); measured on CPU, torch 2.13", note="no dropout"),
 )
 
 BY_NAME = {k.name: k for k in TABLE}

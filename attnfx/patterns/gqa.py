@@ -184,6 +184,10 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     args["enable_gqa"] = True
     set_sdpa_args(node, args)
 
+    for old, new in ((old_k, args["key"]), (old_v, args["value"])):
+        for user in list(old.users):
+            _commute_key_mean(user, new, k_exp.n_rep, after=node)
+
     saved = 0
     notes = []
     for old in (old_k, old_v):
@@ -202,6 +206,29 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     )
 
 
+def _commute_key_mean(user: fx.Node, new: fx.Node, n_rep: Any, after: fx.Node) -> None:
+    """``expanded.mean(-2, keepdim=True)`` (manual_attention's guard for rows with no allowed key) is
+    the expansion of ``source.mean(-2, keepdim=True)``: compute it on the source, expand the small result."""
+    if not (op_name(user) == "mean" and user.args[1:] == (-2,) and user.kwargs == {"keepdim": True}
+            and isinstance(n_rep, int) and _comes_after(user, after)):
+        return
+    graph = user.graph
+    with graph.inserting_before(user):
+        mean = emit(graph, "call_method", "mean", (new, -2), {"keepdim": True}, like=user)
+        expanded = emit(graph, "call_method", "repeat_interleave", (mean, n_rep), {"dim": -3}, like=user)
+    user.replace_all_uses_with(expanded)
+    graph.erase_node(user)
+
+
+def _comes_after(node: fx.Node, anchor: fx.Node) -> bool:
+    cur = anchor.next
+    while cur.op != "root":
+        if cur is node:
+            return True
+        cur = cur.next
+    return False
+
+
 def _int(x: Any) -> Any:
     return x if isinstance(x, int) else str(x)
 
@@ -214,8 +241,8 @@ def _kernel_verdict(before: str | None, after: str | None, has_mask: bool) -> st
         return (f"with enable_gqa SDPA would run {after} (which {capabilities.kernel(after).note or 'expands K/V'}) "
                 f"instead of {before}; expansion kept")
     if has_mask and after != before:
-        a, b = capabilities.kernel(after), capabilities.kernel(before)
-        if a.empty_rows != b.empty_rows or a.empty_rows == "unknown":
+        a, b = capabilities.kernel(after).no_key_rows, capabilities.kernel(before).no_key_rows
+        if a != b or {"unknown", "other"} & set(a.values()):
             return (f"with enable_gqa SDPA would switch from {before} to {after}, which may differ on query rows "
                     f"with no allowed key; expansion kept")
     return None

@@ -18,12 +18,14 @@ Why the rewrite is exact
       * additive tensors become a float ``attn_mask`` (their sum, in the order they were added);
       * a replacement by -inf excludes the key: a bool mask, True = attend;
       * a replacement by ``finfo.min`` equals adding ``finfo.min`` (|score| ≪ 10³⁰ is absorbed by
-        rounding), which also keeps the eager result of a row with no allowed key (uniform weights);
+        rounding);
       * a ``+ number`` shifts a whole row: softmax ignores it;
       * dropout with p = 0 or ``training=False`` is the identity.
-    A row whose scores are all -inf is NaN in eager code but 0 in SDPA's kernels; where the mask may
-    produce such a row (a -inf fill, an additive term not provably finite) the output rows with no
-    allowed key are set to NaN afterwards, so the original's result is kept exactly.
+    Rows with no allowed key are where kernels disagree, so the original's result is restored after
+    SDPA: a row whose scores are all -inf is NaN in eager code (SDPA's kernels give 0), so where the
+    mask may produce one (a -inf fill, an additive term not provably finite) such rows are set to NaN;
+    a row whose float mask is all ``finfo.min`` absorbs every score and gets uniform weights in eager
+    code, i.e. the mean of v (CUDA's efficient/cuDNN kernels give 0), so such rows get the mean of v.
 
 When it refuses
     Anything else between the matmuls changes the math or cannot be carried: score soft-capping
@@ -203,8 +205,16 @@ def _cond(graph: fx.Graph, c: Any, like: fx.Node) -> fx.Node:
     return c
 
 
-def build_mask(graph: fx.Graph, s: Scores, dtype: torch.dtype, like: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
-    """(attn_mask for SDPA, bool 'allowed' tensor whose all-False rows must be NaN, or None)."""
+@dataclass
+class Mask:
+    """The SDPA attn_mask, and what the original computes on rows with no allowed key."""
+
+    attn_mask: fx.Node | None = None
+    allowed: fx.Node | None = None  # bool; a row with no True is NaN in eager code
+    all_min: fx.Node | None = None  # bool (.., L, 1); a row entirely finfo.min gets uniform weights in eager code
+
+
+def build_mask(graph: fx.Graph, s: Scores, dtype: torch.dtype, like: fx.Node) -> Mask:
     excluded = [_cond(graph, c, like) for c in s.excluded]
     excluded_any = None
     for c in excluded:
@@ -212,9 +222,9 @@ def build_mask(graph: fx.Graph, s: Scores, dtype: torch.dtype, like: fx.Node) ->
                                                            (excluded_any, c), like=like)
     if not s.additive and not s.min_filled:
         if excluded_any is None:
-            return None, None
+            return Mask()
         allowed = emit(graph, "call_function", torch.logical_not, (excluded_any,), like=like)
-        return allowed, allowed
+        return Mask(allowed, allowed)
     total = None
     for term, factor in s.additive:
         if factor != 1.0:
@@ -230,10 +240,10 @@ def build_mask(graph: fx.Graph, s: Scores, dtype: torch.dtype, like: fx.Node) ->
         total = emit(graph, "call_method", "masked_fill", (total, excluded_any, -math.inf), like=like)
     maybe_inf = excluded_any is not None or len(s.additive) + len(s.min_filled) > 1 or not all(
         _provably_finite(t) for t, _ in s.additive)
-    allowed = None
-    if maybe_inf:
-        allowed = emit(graph, "call_function", torch.gt, (total, -math.inf), like=like)
-    return total, allowed
+    allowed = emit(graph, "call_function", torch.gt, (total, -math.inf), like=like) if maybe_inf else None
+    is_min = emit(graph, "call_function", torch.eq, (total, torch.finfo(dtype).min), like=like)
+    all_min = emit(graph, "call_method", "all", (is_min, -1), {"keepdim": True}, like=like)
+    return Mask(total, allowed, all_min)
 
 
 def rewrite(site: Site, ctx: Any) -> Outcome | None:
@@ -298,22 +308,29 @@ def _rewrite(site: Site, softmax: fx.Node) -> Outcome:
             k_node = kt_node.args[0]
         else:
             k_node = emit(graph, "call_method", "transpose", (kt_node, -2, -1), like=pv)
-        mask, allowed = build_mask(graph, s, q.dtype, like=pv)
-        kwargs = {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False,
+        mask = build_mask(graph, s, q.dtype, like=pv)
+        kwargs = {"attn_mask": mask.attn_mask, "dropout_p": 0.0, "is_causal": False,
                   "scale": None if s.default_scale else s.scale}
         if gqa:
             kwargs["enable_gqa"] = True
         attn = emit(graph, "call_function", SDPA, (q_node, k_node, v_node), kwargs, like=pv)
         result = attn
-        if allowed is not None:
-            empty = emit(graph, "call_method", "any", (allowed, -1), {"keepdim": True}, like=pv)
+        if mask.all_min is not None:  # eager: uniform weights, i.e. the mean of v over the keys
+            mean_v = emit(graph, "call_method", "mean", (v_node, -2), {"keepdim": True}, like=pv)
+            result = emit(graph, "call_function", torch.where, (mask.all_min, mean_v, result), like=pv)
+        if mask.allowed is not None:  # eager: softmax of an all -inf row is NaN
+            empty = emit(graph, "call_method", "any", (mask.allowed, -1), {"keepdim": True}, like=pv)
             empty = emit(graph, "call_function", torch.logical_not, (empty,), like=pv)
-            result = emit(graph, "call_method", "masked_fill", (attn, empty, math.nan), like=pv)
+            result = emit(graph, "call_method", "masked_fill", (result, empty, math.nan), like=pv)
     if not all(known_eq(a, b) for a, b in zip(fake(result).shape, out.shape)) or fake(result).dim() != out.dim():
         raise AssertionError("manual_attention built an output of the wrong shape")  # never silently wrong
     pv.replace_all_uses_with(result)
-    notes = "rows with no allowed key are set to NaN, as the original computes" if allowed is not None else None
-    inputs = SdpaInputs.from_fakes(q, fake(k_node), v, None if mask is None else fake(mask), scale=kwargs["scale"])
+    notes = "; ".join(n for n, on in (
+        ("rows whose mask is all -inf are set to NaN, as the original computes", mask.allowed is not None),
+        ("rows whose mask is all finfo.min get the mean of v, as the original computes", mask.all_min is not None),
+    ) if on) or None
+    inputs = SdpaInputs.from_fakes(q, fake(k_node), v, None if mask.attn_mask is None else fake(mask.attn_mask),
+                                   scale=kwargs["scale"])
     kernel = predict_kernel(inputs, enable_gqa=gqa)
     saved = 0
     if kernel is not None and kernel != "sdpa.math":  # a fused kernel never materializes scores/probabilities
