@@ -172,7 +172,7 @@ def _run_refused(attn, *inputs):
     c = Compiled(attn)
     assert_same(c(*inputs), attn(*inputs))
     (site,) = c.sites
-    assert site.patterns == ["gqa"] and not site.rewritten
+    assert site.patterns == ["gqa"] and site.applied == [] and not site.rewritten
     return site, c
 
 

@@ -62,7 +62,7 @@ def test_report_contents_and_json():
     data = json.loads(json.dumps(rep.to_dict()))
     (site,) = data["sites"]
     assert site["module"] == "<root>" and site["source"].startswith("tests/test_optimize.py:")
-    assert site["patterns"] == ["gqa"] and site["rewritten"] is True
+    assert site["patterns"] == ["gqa"] and site["applied"] == ["gqa"] and site["rewritten"] is True
     assert site["target"] == "F.scaled_dot_product_attention(enable_gqa=True)"
     assert site["savings"] == {"kv_expansion_bytes": 2 * 4 * 4 * 16 * 4}
     assert data["summary"] == {"sites": 1, "rewritten": 1, "graphs": 1, "savings": site["savings"]}

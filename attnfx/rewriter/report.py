@@ -21,7 +21,8 @@ class SiteRecord:
     graph: int  # which captured graph (0, 1, ... in compile order)
     index: int  # position of the site within its graph
     kind: str  # "sdpa" | "manual"
-    patterns: list[str] = field(default_factory=list)
+    patterns: list[str] = field(default_factory=list)  # every pattern that matched (applied or refused)
+    applied: list[str] = field(default_factory=list)  # those whose rewrite took effect
     rewritten: bool = False
     target: str = ""
     reasons: list[str] = field(default_factory=list)
@@ -43,6 +44,7 @@ class SiteRecord:
             self.patterns.append(pattern)
         if rewritten:
             self.rewritten = True
+            self.applied.append(pattern)
         if target:
             self.target = target
         if reason:
@@ -62,6 +64,7 @@ class SiteRecord:
             "index": self.index,
             "kind": self.kind,
             "patterns": list(self.patterns),
+            "applied": list(self.applied),
             "rewritten": self.rewritten,
             "target": self.target,
             "reason": self.reason,
@@ -143,8 +146,9 @@ class Report:
             return "attnfx: no attention sites found (has the model been called once since optimize()?)"
         rows = [("#", "module", "source", "patterns", "rewritten", "target", "saves", "reason")]
         for i, s in enumerate(sites):
+            pats = ",".join(p if p in s.applied else f"{p}(refused)" for p in s.patterns) or "-"
             rows.append((
-                str(i), s.module, s.source, ",".join(s.patterns) or "-", "yes" if s.rewritten else "no",
+                str(i), s.module, s.source, pats, "yes" if s.rewritten else "no",
                 s.target or "-", _fmt_savings(s.savings), s.reason or "-",
             ))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
@@ -175,6 +179,8 @@ def _fmt_bytes(n: float) -> str:
 def _fmt_savings(savings: dict[str, Any]) -> str:
     parts = []
     for k, v in savings.items():
+        if not v:
+            continue
         if k.endswith("_bytes") and isinstance(v, (int, float)):
             parts.append(f"{k[:-6]} {_fmt_bytes(v)}")
         else:
