@@ -35,7 +35,8 @@ def test_report_json_from_a_file_path():
     site = data["sites"][0]
     for key in ("module", "source", "patterns", "rewritten", "target", "reason", "savings"):
         assert key in site
-    assert site["patterns"] == ["gqa"] and site["savings"]["kv_expansion_bytes"] > 0
+    assert site["applied"] == ["gqa", "mask_structure"] and site["savings"]["kv_expansion_bytes"] > 0
+    assert site["mask"]["analysis"] == "runtime" and site["mask"]["kind"] == "padding"
 
 
 def test_report_with_dtype_and_pattern_selection():

@@ -24,7 +24,9 @@ def test_lumina_gqa_processor_is_rewritten():
         assert_same(opt(x, enc, mask), run(x, enc, mask))
     (site,) = attnfx.report(opt).sites
     assert site.module == "attn" and site.source.startswith("diffusers/models/attention_processor.py:")
-    assert site.rewritten and site.patterns == ["gqa"] and "enable_gqa=True" in site.target
+    assert site.applied == ["gqa", "mask_structure"]
+    assert site.details["mask"] == {"analysis": "runtime", "kind": "padding", "side": "right", "lengths": [5, 3],
+                                    "causal": None, "kernel": "sdpa.split", "why": "2 segment(s), one SDPA call each"}
 
 
 def test_classic_baddbmm_processor_becomes_sdpa():
@@ -40,8 +42,9 @@ def test_classic_baddbmm_processor_becomes_sdpa():
     with torch.no_grad():
         assert_same(opt(x, mask), run(x, mask))
     (site,) = attnfx.report(opt).sites
-    assert site.kind == "manual" and site.rewritten and site.patterns == ["manual_attention"]
-    assert site.target == "F.scaled_dot_product_attention(attn_mask=float)"
+    assert site.kind == "manual" and site.applied[0] == "manual_attention"
+    # -10000.0 is not -inf/finfo.min: the runtime analysis sees an additive bias and keeps it dense
+    assert site.details["mask"]["kind"] == "bias" and "additive bias" in site.details["mask"]["why"]
 
 
 def test_flux_block_multi_head_attention_is_left_alone():

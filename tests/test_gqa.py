@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from functools import partial
+
 from helpers import Compiled, assert_same
 
 from attnfx.patterns import gqa
@@ -10,6 +12,7 @@ from attnfx.patterns._layout import trace
 from attnfx.rewriter.graph import op_name, sdpa_args
 
 B, HKV, N, L, S, D = 2, 2, 3, 5, 7, 16
+Compiled = partial(Compiled, patterns=["gqa"])  # this module tests gqa alone
 H = HKV * N
 
 

@@ -22,11 +22,13 @@ def test_logits_equal_and_every_layer_rewritten(arch, attn):
     report = attnfx.report(opt)
     layers = model.config.num_hidden_layers
     assert len(report.sites) == layers
-    expected_patterns = ["gqa"] if attn == "sdpa" else ["manual_attention", "gqa"]
+    expected_patterns = (["gqa"] if attn == "sdpa" else ["manual_attention", "gqa"]) + ["mask_structure"]
     for i, site in enumerate(report.sites):
         assert site.module == f"model.layers.{i}.self_attn"
-        assert site.rewritten and site.patterns == expected_patterns, (site.patterns, site.reason)
-        assert "enable_gqa=True" in site.target
+        assert site.applied == expected_patterns, (site.patterns, site.reason)
+        mask = site.details["mask"]
+        assert mask["analysis"] == "runtime", mask  # built from the attention_mask input
+        assert mask["kind"] in ("padding", "row_groups", "general"), mask
         assert site.savings["kv_expansion_bytes"] > 0
         assert ":" in site.source and site.source.endswith(tuple("0123456789"))
 

@@ -76,6 +76,31 @@ TABLE: tuple[Kernel, ...] = (
            verified="sdp_utils_cpp.cpp (supports_gqa); measured on CPU, torch 2.13", note="no dropout"),
 )
 
+# Structured kernels: run a mask structure's segments (attnfx/backends/execute.py). They never see the
+# dense mask; rows with no allowed key are filled with what the original kernel gives there.
+_ANY_FILL = {"bool": "any", "-inf": "any", "finfo.min": "any"}
+TABLE += (
+    Kernel("sdpa.split", "execute", ("cuda", "cpu", "npu", "xpu", "mps"), (F16, BF16, F32, F64), None,
+           mask=False, gqa="native", causal=("top_left", "bottom_right"), varlen=True, min_torch=(2, 5),
+           no_key_rows=_ANY_FILL, note="one SDPA call per segment (views of q/k/v, no copies); a bottom-right "
+                                       "causal segment with more keys than queries takes a small bool mask"),
+    Kernel("varlen.flash_attn", "varlen", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
+           causal=("bottom_right",), varlen=True, min_torch=(2, 5), min_arch=(8, 0), no_key_rows=_ANY_FILL,
+           verified="not measured here (flash-attn not installed on the test GPU)"),
+    Kernel("varlen.torch.varlen", "varlen", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
+           causal=("bottom_right",), varlen=True, min_torch=(2, 10), min_arch=(8, 0), no_key_rows=_ANY_FILL,
+           verified="measured on H200, torch 2.11: K/V with fewer heads accepted"),
+    Kernel("varlen.aten.flash", "varlen", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
+           causal=("bottom_right",), varlen=True, min_torch=(2, 5), min_arch=(8, 0), no_key_rows=_ANY_FILL,
+           verified="measured on H200, torch 2.11: K/V with fewer heads accepted"),
+    Kernel("varlen.reference", "varlen", ("cuda", "cpu"), (F16, BF16, F32, F64), None, mask=False,
+           gqa="expands", causal=("bottom_right",), varlen=True, min_torch=(2, 5), no_key_rows=_ANY_FILL,
+           note="pure PyTorch, for tests"),
+    Kernel("reference", "reference", ("cuda", "cpu"), (F16, BF16, F32, F64), None, mask=True,
+           gqa="expands", causal=("top_left", "bottom_right"), varlen=False, min_torch=(2, 5),
+           no_key_rows=_ANY_FILL, note="pure PyTorch, for tests"),
+)
+
 BY_NAME = {k.name: k for k in TABLE}
 
 

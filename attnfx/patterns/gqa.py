@@ -201,7 +201,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         rewritten=True,
         reason="; ".join(notes) or None,
         savings={"kv_expansion_bytes": saved},
-        details={"n_rep": _int(k_exp.n_rep), "kv_heads": _int(k_exp.kv_heads), "kernel": after or "unknown"},
+        details={"n_rep": _int(k_exp.n_rep), "kv_heads": _int(k_exp.kv_heads), "sdpa_kernel": after or "unknown"},
         replaced=[old_k, old_v],
     )
 

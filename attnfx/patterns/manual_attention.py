@@ -338,7 +338,7 @@ def _rewrite(site: Site, softmax: fx.Node) -> Outcome:
     return Outcome(
         rewritten=True, reason=notes, target="F.scaled_dot_product_attention", node=attn, output=result,
         replaced=[pv], details={"scale": "1/sqrt(head_dim)" if s.default_scale else s.scale,
-                                "kernel": kernel or "unknown"},
+                                "sdpa_kernel": kernel or "unknown"},
         savings={"score_matrix_bytes": saved},
     )
 

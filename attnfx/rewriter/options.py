@@ -31,6 +31,7 @@ class Options:
     rtol: float | None = None
     atol: float | None = None
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
+    kernel: str | None = None  # force the kernel of structured (mask_structure) sites, e.g. "varlen.reference"
     # raise attnfx's own internal errors instead of compiling the graph unchanged (default: $ATTNFX_STRICT=1)
     strict: bool = field(default_factory=lambda: os.environ.get("ATTNFX_STRICT", "") == "1")
 
@@ -56,6 +57,13 @@ class Options:
         for name in ("verify", "strict"):
             if not isinstance(merged.get(name, False), bool):
                 raise OptionsError(f"{name} must be True or False, not {merged[name]!r}")
+        kernel = merged.get("kernel")
+        if kernel is not None:
+            from attnfx.backends.capabilities import BY_NAME
+
+            structured = [n for n, k in BY_NAME.items() if k.family in ("execute", "varlen", "reference")]
+            if kernel not in structured:
+                raise OptionsError(f"kernel must be one of {', '.join(structured)}, not {kernel!r}")
         cfg = merged.get("inductor_config", {}) or {}
         if not isinstance(cfg, Mapping):
             raise OptionsError("inductor_config must be a dict of torch._inductor.config settings")

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from attnfx.backends.sdpa import describe_call
 from attnfx.patterns import ORDER
-from attnfx.rewriter.graph import RewriteError, erase_unused
+from attnfx.rewriter.graph import RewriteError, erase_unused, op_name
 from attnfx.rewriter.options import Options
 from attnfx.rewriter.site import Outcome, Site, find_sites
 
@@ -44,8 +44,10 @@ def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0) -> li
             erase_unused(outcome.replaced)
     for site in sites:
         rec = site.record
-        rec.target = describe_call(site.node) if rec.rewritten else (
-            "unchanged: " + ("F.scaled_dot_product_attention" if rec.kind == "sdpa" else "softmax(q @ kᵀ) @ v"))
+        if not rec.rewritten:
+            rec.target = "unchanged: " + ("F.scaled_dot_product_attention" if rec.kind == "sdpa" else "softmax(q @ kᵀ) @ v")
+        elif op_name(site.node) == "sdpa":
+            rec.target = describe_call(site.node)
         if not rec.patterns:
             rec.note("no pattern applies")
     gm.graph.lint()

@@ -1,0 +1,51 @@
+"""Pure-PyTorch reference attention: the definition the other kernels are tested against (CPU or GPU).
+
+Computed in float32 (or float64) with explicit masks, so it is slow and obviously right.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[-3], dim=-3) if x.shape[-3] != heads else x
+
+
+def attention(q, k, v, allowed=None, *, scale=None, fill: str = "zero"):
+    """softmax(q kᵀ · scale, masked to ``allowed``) v, GQA by head grouping; rows with no allowed key
+    give ``fill``: "zero", "nan" or "mean_v" (uniform weights over all keys)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads = q.shape[-3]
+    kf, vf = _expand_kv(k, heads).to(acc), _expand_kv(v, heads).to(acc)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.to(acc) @ kf.transpose(-1, -2)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1)
+    out = p.nan_to_num(0.0) @ vf
+    if allowed is not None:
+        empty = ~allowed.any(-1, keepdim=True)
+        if fill == "nan":
+            out = out.masked_fill(empty, float("nan"))
+        elif fill == "mean_v":
+            out = torch.where(empty, vf.mean(-2, keepdim=True), out)
+    return out.to(q.dtype)
+
+
+def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None):
+    """Packed sequences (total, heads, d); sequence i is rows cu_q[i]:cu_q[i+1] against cu_k[i]:cu_k[i+1];
+    causal is bottom-right aligned, as FlashAttention's varlen is."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        qs, ks = q[cq[i]:cq[i + 1]].transpose(0, 1), k[ck[i]:ck[i + 1]].transpose(0, 1)
+        vs = v[ck[i]:ck[i + 1]].transpose(0, 1)
+        lq, lk = qs.shape[1], ks.shape[1]
+        if lq == 0:
+            continue
+        allowed = None
+        if causal:
+            allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        out[cq[i]:cq[i + 1]] = attention(qs, ks, vs, allowed, scale=scale).transpose(0, 1)
+    return out

@@ -1,0 +1,78 @@
+"""Adapter for variable-length (packed) FlashAttention: q (total_q, Hq, D), k/v (total_k, Hkv, D) with
+cumulative sequence offsets; causal is bottom-right aligned per sequence. K/V may have fewer heads.
+
+Implementations, best first where available (see the capability table):
+  ``flash_attn``        flash-attn's ``flash_attn_varlen_func`` (optional dependency);
+  ``torch.varlen``      ``torch.nn.attention.varlen.varlen_attn`` — 2.10: ``is_causal=``; 2.11:
+                        ``window_size=(-1, 0)`` for causal; 2.12+: also ``enable_gqa``;
+  ``aten.flash``        ``torch.ops.aten._flash_attention_forward`` (takes fewer K/V heads directly);
+  ``reference``         pure PyTorch (CPU and tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from attnfx.backends import reference
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_params() -> frozenset[str] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _flash_attn():
+    try:
+        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_varlen_func
+    except Exception:
+        return None
+    return flash_attn_varlen_func
+
+
+def implementations(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The varlen implementations usable for this device and dtype, best first."""
+    impls = []
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if _flash_attn() is not None:
+            impls.append("flash_attn")
+        if _torch_varlen_params() is not None:
+            impls.append("torch.varlen")
+        if hasattr(torch.ops.aten, "_flash_attention_forward"):
+            impls.append("aten.flash")
+    impls.append("reference")
+    return impls
+
+
+def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: bool, scale: float | None,
+                     impl: str) -> torch.Tensor:
+    if impl == "reference":
+        return reference.varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale)
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    if impl == "flash_attn":
+        return _flash_attn()(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal)
+    if impl == "aten.flash":
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                                       scale=scale)[0]
+    if impl == "torch.varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = _torch_varlen_params()
+        if scale is not None and "scale" not in params:  # torch 2.10 takes no scale
+            return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale, impl="aten.flash")
+        kwargs = {"scale": scale} if scale is not None else {}
+        if "enable_gqa" in params and k.shape[1] != q.shape[1]:
+            kwargs["enable_gqa"] = True
+        if "is_causal" in params:
+            kwargs["is_causal"] = causal
+        elif causal:
+            kwargs["window_size"] = (-1, 0)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    raise ValueError(f"unknown varlen implementation {impl!r}")

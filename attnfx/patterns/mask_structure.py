@@ -1,0 +1,218 @@
+"""mask_structure — a masked SDPA whose mask has structure runs that structure on unmasked/varlen kernels.
+
+What it matches
+    An SDPA call with an ``attn_mask`` (bool, or float holding only 0 and -inf / finfo.min) and no
+    dropout. Where the mask comes from decides how it is read:
+      * static — the mask is computed in the graph from constants and static shapes only
+        (``arange``/comparisons/``tril``/``ones``/slicing...): it is evaluated once at compile time,
+        classified (``attnfx.masks.classify``) and the plan is baked into the graph as plain torch ops;
+      * runtime — the mask is, or is computed from, graph inputs (tensors, parameters/buffers, symbolic
+        sizes): the call becomes ``attnfx::structured_attention``, which classifies each distinct mask
+        once and caches the plan keyed on those inputs (see ``attnfx/runtime``).
+    A mask computed from random ops is refused.
+
+Why the rewrite is exact
+    A structure is accepted only if materializing it reproduces the mask bit for bit (``torch.equal``).
+    Its segments partition the (query row, allowed key) pairs: each segment is a query-row slice
+    attending a contiguous key range, entirely or causally, so the unmasked (or causal) kernel on that
+    slice computes exactly the masked softmax of those rows — keys outside the range had weight 0. Rows
+    with no allowed key get what the original kernel gives there (capability table ``no_key_rows``:
+    0, NaN, or the mean of v); when that is not reproducible the dense mask is kept.
+
+When it refuses (the masked SDPA stays)
+    dropout_p > 0; a float mask with other values (an additive bias, e.g. ALiBi); a mask computed from
+    random ops; a mask without usable structure, or one whose no-key rows the original kernel fills
+    with values no other kernel gives (cuDNN with a bool mask).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from attnfx.backends import capabilities, execute
+from attnfx.backends import sdpa as sdpa_backend
+from attnfx.masks import Analysis, classify
+from attnfx.rewriter.graph import SDPA, fake, op_name, sdpa_args
+from attnfx.rewriter.site import Outcome, Site
+from attnfx.runtime import ops
+
+NAME = "mask_structure"
+
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
+           "multinomial", "dropout", "uniform_", "normal_", "randperm"}
+_graph_ids = itertools.count()
+
+
+class StaticPlan:
+    """A mask structure fixed at compile time, called in the graph in place of SDPA (plain torch ops)."""
+
+    def __init__(self, analysis: Analysis, kernel: str, fill: str | None):
+        self.analysis, self.kernel, self.fill = analysis, kernel, fill
+        self.__name__ = f"attnfx_{analysis.structure.kind}_attention"
+        self.__qualname__ = self.__name__
+
+    def __call__(self, q, k, v, scale=None, enable_gqa=False):
+        return execute.run(self.analysis.structure, self.kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
+                           fill=self.fill or "zero")
+
+    def __repr__(self) -> str:
+        return f"StaticPlan({self.analysis.structure.kind}, {self.kernel})"
+
+
+_VIEWS = {"getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow",
+          "select", "as_strided", "diagonal", "t", "flatten", "unflatten", "view_as", "expand_as", "contiguous"}
+
+
+def _mutates(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return n.target is operator.setitem or str(name).endswith("_") or "out" in n.kwargs
+
+
+def _is_view(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return str(name) in _VIEWS
+
+
+def closure(mask: fx.Node, consumer: fx.Node) -> set[fx.Node]:
+    """Every node the mask's value depends on: its ancestors, and the in-place writes into any of them
+    (directly or through views) that run before ``consumer`` — with their own ancestors."""
+    order = {n: i for i, n in enumerate(mask.graph.nodes)}
+    needed: set[fx.Node] = set()
+
+    def add(n: fx.Node) -> None:
+        stack = [n]
+        while stack:
+            x = stack.pop()
+            if x not in needed:
+                needed.add(x)
+                stack.extend(x.all_input_nodes)
+
+    add(mask)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(needed):
+            aliases, frontier = {n}, [n]
+            while frontier:  # views of n share its memory
+                for u in frontier.pop().users:
+                    if _is_view(u) and u not in aliases:
+                        aliases.add(u)
+                        frontier.append(u)
+            for a in aliases:
+                for u in a.users:
+                    if u not in needed and _mutates(u) and order[u] < order[consumer] and u.args and u.args[0] is a:
+                        add(u)
+                        changed = True
+    return needed
+
+
+def dependencies(mask: fx.Node, consumer: fx.Node) -> tuple[list[fx.Node], list[fx.Node], str | None]:
+    """The graph inputs a mask is computed from: (tensors, symbolic ints, why not usable)."""
+    tensors, ints = [], []
+    needed = closure(mask, consumer)
+    for n in sorted(needed, key=lambda n: list(mask.graph.nodes).index(n)):
+        val = fake(n)
+        if n.op in ("placeholder", "get_attr"):
+            if isinstance(val, torch.SymInt):
+                ints.append(n)
+            elif isinstance(val, torch.Tensor) or n.op == "get_attr":
+                tensors.append(n)
+            continue
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if str(name) in _RANDOM:
+            return [], [], f"the mask is computed with a random op ({name})"
+    return tensors, ints, None
+
+
+def evaluate(mask: fx.Node, consumer: fx.Node) -> torch.Tensor:
+    """Run the nodes a constant mask is made of (in-place writes included), now."""
+    gm = mask.graph.owning_module
+    needed = closure(mask, consumer)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in mask.graph.nodes:
+        if n in needed:
+            env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(env[mask])
+    unset = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
+    with (unset() if unset is not None else torch.no_grad()), torch.no_grad():
+        return fx.GraphModule(gm, sub)()
+
+
+def _original_kernel(args: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+    q, k, v, m = (fake(args[n]) for n in ("query", "key", "value", "attn_mask"))
+    inputs = sdpa_backend.SdpaInputs.from_fakes(q, k, v, m, 0.0, False, args["scale"])
+    kernel = sdpa_backend.predict_kernel(inputs, enable_gqa=bool(args["enable_gqa"]))
+    rows = capabilities.kernel(kernel).no_key_rows if kernel else {}
+    return kernel, dict(rows)
+
+
+def rewrite(site: Site, ctx: Any) -> Outcome | None:
+    node = site.node
+    if op_name(node) != "sdpa":
+        return None
+    args = sdpa_args(node)
+    mask = args["attn_mask"]
+    if mask is None or not isinstance(mask, fx.Node):
+        return None
+    if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0):
+        return Outcome.refuse(f"dropout_p={args['dropout_p']}")
+    m = fake(mask)
+    if not (m.dtype == torch.bool or m.dtype.is_floating_point):
+        return Outcome.refuse(f"mask dtype {m.dtype}")
+    tensors, ints, problem = dependencies(mask, node)
+    if problem:
+        return Outcome.refuse(problem)
+    original, no_key_rows = _original_kernel(args)
+    q, k = fake(args["query"]), fake(args["key"])
+    forced = ctx.options.kernel
+    call_args = (args["query"], args["key"], args["value"])
+
+    if not tensors and not ints:
+        analysis = classify(evaluate(mask, node), q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2])
+        if analysis is None:
+            return Outcome.refuse("the mask holds values other than 0 and -inf/finfo.min: an additive bias")
+        fill = None
+        if analysis.empty_rows:
+            fill = no_key_rows.get(analysis.spelling, "unknown")
+            if fill not in execute.FILLS:
+                return Outcome.refuse(f"{analysis.empty_rows} row(s) have no allowed key and the original kernel "
+                                      f"({original}) gives '{fill}' there", mask=_mask_detail(analysis, "static"))
+        kernel, why = execute.choose_kernel(analysis.structure, q.shape[-2], k.shape[-2], q.device, q.dtype,
+                                            q.shape[-1], forced)
+        if kernel is None:
+            return Outcome.refuse(why, mask=_mask_detail(analysis, "static"))
+        target: Any = StaticPlan(analysis, kernel, fill)
+        new_args, new_kwargs = call_args, {"scale": args["scale"], "enable_gqa": bool(args["enable_gqa"])}
+        detail = {**_mask_detail(analysis, "static"), "kernel": kernel, "why": why}
+    else:
+        record = site.record
+        namespace = (next(_graph_ids), mask.name)
+
+        def on_plan(plan, record=record):
+            record.details["mask"] = {"analysis": "runtime", **ops.describe(plan)}
+
+        sid = ops.register(ops.SiteRuntime(namespace, no_key_rows, forced, on_plan))
+        target = torch.ops.attnfx.structured_attention.default
+        new_args = (*call_args, mask, tensors, ints, sid, args["scale"], bool(args["enable_gqa"]))
+        new_kwargs = {}
+        detail = {"analysis": "runtime", "kind": "decided at the first call"}
+
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(target, new_args, new_kwargs)
+    new.meta.update({k: v for k, v in node.meta.items()})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    name = "attnfx::structured_attention" if detail["analysis"] == "runtime" else target.__name__
+    return Outcome(rewritten=True, target=name, node=new, output=new if site.output is node else None,
+                   details={"mask": detail, "original_kernel": original or "unknown"}, replaced=[mask])
+
+
+def _mask_detail(analysis: Analysis, how: str) -> dict[str, Any]:
+    return {"analysis": how, **analysis.describe()}

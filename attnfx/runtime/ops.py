@@ -1,0 +1,161 @@
+"""``attnfx::structured_attention``: masked SDPA whose mask is only known at run time.
+
+The op is opaque to Inductor (a ``torch.library`` custom op with a fake impl; its backward is a custom op
+too). At run time it looks the mask's plan up in the input cache — keyed on the *graph inputs* the mask is
+computed from, so a hit costs no device read and no host sync — and on a miss classifies the mask once
+(``attnfx.masks.classify``), verifies the structure by materializing it, chooses the kernel, and stores
+the plan. Every layer that uses the same mask shares that plan. A mask without structure (or whose rows
+with no allowed key cannot be reproduced) runs the original dense masked SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from attnfx.backends import execute
+from attnfx.masks import Analysis, classify
+from attnfx.runtime.cache import InputCache
+
+log = logging.getLogger("attnfx")
+
+PLANS = InputCache(max_entries=256)
+
+
+@dataclass
+class Plan:
+    analysis: Analysis | None
+    kernel: str | None  # None: the dense masked SDPA
+    fill: str | None
+    why: str
+
+
+@dataclass
+class SiteRuntime:
+    """What the op needs to know about one rewritten site."""
+
+    namespace: tuple  # identifies the mask expression: sites sharing a mask node share plans
+    no_key_rows: dict[str, str]  # what the original kernel gives on rows with no allowed key, per spelling
+    forced_kernel: str | None = None
+    on_plan: Callable[[Plan], None] | None = None  # reports the first plan
+    planned: set = field(default_factory=set)
+
+
+_SITES: dict[int, SiteRuntime] = {}
+_ids = itertools.count()
+
+
+def register(site: SiteRuntime) -> int:
+    sid = next(_ids)
+    _SITES[sid] = site
+    return sid
+
+
+def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints) -> Plan:
+    batch, heads, q_len, kv_len = q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2]
+
+    def analyse() -> Plan:
+        analysis = classify(mask, batch, heads, q_len, kv_len)
+        if analysis is None:
+            return Plan(None, None, None, "the mask holds values other than 0 and -inf/finfo.min: an additive bias")
+        fill = None
+        if analysis.empty_rows:
+            fill = site.no_key_rows.get(analysis.spelling, "unknown")
+            if fill not in execute.FILLS:
+                return Plan(analysis, None, None, f"{analysis.empty_rows} row(s) have no allowed key and the "
+                                                  f"original kernel gives '{fill}' there: kept dense to match it")
+        kernel, why = execute.choose_kernel(analysis.structure, q_len, kv_len, q.device, q.dtype, q.shape[-1],
+                                            site.forced_kernel)
+        return Plan(analysis, kernel, fill, why)
+
+    namespace = (*site.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+    plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse)
+    if site.on_plan is not None and id(plan) not in site.planned:
+        site.planned.add(id(plan))
+        site.on_plan(plan)
+    return plan
+
+
+def _forward(q, k, v, mask, key_tensors, key_ints, site: int, scale, enable_gqa):
+    rt = _SITES[site]
+    plan = plan_for(rt, q, k, mask, key_tensors, key_ints)
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    if plan.kernel is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
+    return execute.run(plan.analysis.structure, plan.kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
+                       fill=plan.fill or "zero")
+
+
+@torch.library.custom_op("attnfx::structured_attention", mutates_args=())
+def structured_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         key_tensors: list[torch.Tensor], key_ints: list[int], site: int,
+                         scale: Optional[float], enable_gqa: bool) -> torch.Tensor:
+    return _forward(q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa).contiguous()
+
+
+@structured_attention.register_fake
+def _(q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@contextlib.contextmanager
+def _autograd_enabled():
+    """Custom-op implementations run below the autograd dispatch keys; the recompute needs them back."""
+    keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther)
+    was = [torch._C._dispatch_tls_is_dispatch_key_excluded(k) for k in keys]
+    try:
+        for k in keys:
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for k, w in zip(keys, was):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, w)
+
+
+@torch.library.custom_op("attnfx::structured_attention_backward", mutates_args=())
+def structured_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  mask: torch.Tensor, key_tensors: list[torch.Tensor], key_ints: list[int],
+                                  site: int, scale: Optional[float], enable_gqa: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recomputes the forward under autograd with the same plan and differentiates it."""
+    with _autograd_enabled():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = _forward(qq, kk, vv, mask, key_tensors, key_ints, site, scale, enable_gqa)
+        grads = torch.autograd.grad(out, (qq, kk, vv), grad, allow_unused=True)
+    return tuple((g if g is not None else torch.zeros_like(t)).contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+@structured_attention_backward.register_fake
+def _(grad, q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa = inputs
+    ctx.save_for_backward(q, k, v, mask, *key_tensors)
+    ctx.rest = (len(key_tensors), list(key_ints), site, scale, enable_gqa)
+
+
+def _backward(ctx, grad):
+    q, k, v, mask, *key_tensors = ctx.saved_tensors
+    n, key_ints, site, scale, enable_gqa = ctx.rest
+    dq, dk, dv = torch.ops.attnfx.structured_attention_backward(grad, q, k, v, mask, key_tensors, key_ints, site,
+                                                                scale, enable_gqa)
+    return dq, dk, dv, None, [None] * n, [None] * len(key_ints), None, None, None
+
+
+structured_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    d = plan.analysis.describe() if plan.analysis is not None else {"kind": "bias"}
+    d["kernel"] = plan.kernel or "sdpa (dense mask kept)"
+    d["why"] = plan.why
+    return d
