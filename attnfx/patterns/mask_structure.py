@@ -27,7 +27,6 @@ When it refuses (the masked SDPA stays)
 
 from __future__ import annotations
 
-import itertools
 import operator
 from typing import Any
 
@@ -45,7 +44,6 @@ NAME = "mask_structure"
 
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
            "multinomial", "dropout", "uniform_", "normal_", "randperm"}
-_graph_ids = itertools.count()
 
 
 class StaticPlan:
@@ -192,7 +190,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         detail = {**_mask_detail(analysis, "static"), "kernel": kernel, "why": why}
     else:
         record = site.record
-        namespace = (next(_graph_ids), mask.name)
+        namespace = (ctx.uid, mask.name)  # every site using this mask node shares its plans
 
         def on_plan(plan, record=record):
             record.details["mask"] = {"analysis": "runtime", **ops.describe(plan)}

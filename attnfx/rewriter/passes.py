@@ -3,7 +3,8 @@ order, clean up what they left unused, and return the sites with their records."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 
@@ -14,11 +15,15 @@ from attnfx.rewriter.options import Options
 from attnfx.rewriter.site import Outcome, Site, find_sites
 
 
+_uids = itertools.count()
+
+
 @dataclass
 class PassContext:
     gm: fx.GraphModule
     options: Options
     graph_index: int
+    uid: int = field(default_factory=lambda: next(_uids))  # unique in the process, unlike graph_index
 
 
 def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0) -> list[Site]:
