@@ -35,7 +35,7 @@ class SiteRecord:
 
     @property
     def key(self) -> tuple:
-        return (self.module, self.source, self.details.get("occurrence", 0))
+        return (self.module, self.source, self.details.get("occurrence", 0), self.details.get("shape"))
 
     def matched(self, pattern: str, *, rewritten: bool, reason: str | None = None, target: str | None = None,
                 savings: dict[str, Any] | None = None, **details: Any) -> None:
@@ -88,8 +88,9 @@ def _jsonable(x: Any) -> Any:
 class Report:
     """The rewrite report of an optimized model (or of every graph the ``attnfx`` backend compiled).
 
-    Sites are keyed by (module, source, occurrence); a recompilation (new shapes, train/eval switch)
-    replaces the records of the sites it covers, so the report describes the latest compiled code.
+    Sites are keyed by (module, source, occurrence, query shape): graphs compiled for other shapes are
+    live code too and are listed apiece; a recompilation for the same shapes (train/eval switch)
+    replaces the records of the sites it covers.
     """
 
     def __init__(self) -> None:
@@ -144,12 +145,12 @@ class Report:
         sites = self.sites
         if not sites:
             return "attnfx: no attention sites found (has the model been called once since optimize()?)"
-        rows = [("#", "module", "source", "patterns", "rewritten", "target", "saves", "reason")]
+        rows = [("#", "module", "source", "shape", "patterns", "rewritten", "target", "mask", "saves", "reason")]
         for i, s in enumerate(sites):
             pats = ",".join(p if p in s.applied else f"{p}(refused)" for p in s.patterns) or "-"
             rows.append((
-                str(i), s.module, s.source, pats, "yes" if s.rewritten else "no",
-                s.target or "-", _fmt_savings(s.savings), s.reason or "-",
+                str(i), s.module, s.source, str(s.details.get("shape", "-")), pats, "yes" if s.rewritten else "no",
+                s.target or "-", _fmt_mask(s.details.get("mask")), _fmt_savings(s.savings), s.reason or "-",
             ))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
         lines = []
@@ -166,6 +167,17 @@ class Report:
     def __repr__(self) -> str:
         s = self.summary()
         return f"<attnfx.Report {s['rewritten']}/{s['sites']} sites rewritten>"
+
+
+def _fmt_mask(mask: dict | None) -> str:
+    if not mask:
+        return "-"
+    kind = mask.get("kind", "?")
+    n = len(mask.get("groups", mask.get("q_seqlens", mask.get("lengths", []))))
+    text = f"{kind}({n})" if n else kind
+    if "kernel" in mask:
+        text += f"->{mask['kernel']}"
+    return f"{text} [{mask.get('analysis', '?')}]"
 
 
 def _fmt_bytes(n: float) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from attnfx.rewriter.graph import module_of, op_name, source_of
+from attnfx.rewriter.graph import module_of, op_name, sdpa_args, source_of
 from attnfx.rewriter.report import SiteRecord
 
 # ops that may sit between a softmax and the matmul that applies its probabilities: casts and dropout
@@ -70,6 +70,11 @@ def prob_matmul(softmax: fx.Node) -> fx.Node | None:
     return None
 
 
+def _shape(node) -> str:
+    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return "x".join(str(d) for d in val.shape) if hasattr(val, "shape") else "?"
+
+
 def find_sites(gm: fx.GraphModule, graph_index: int) -> list[Site]:
     sites: list[Site] = []
     occurrences: dict[tuple[str, str], int] = {}
@@ -85,6 +90,8 @@ def find_sites(gm: fx.GraphModule, graph_index: int) -> list[Site]:
         occ = occurrences.get((module, source), 0)
         occurrences[(module, source)] = occ + 1
         record = SiteRecord(module=module, source=source, graph=graph_index, index=len(sites), kind=kind)
+        query = sdpa_args(node)["query"] if kind == "sdpa" else output
+        record.details["shape"] = _shape(query)
         if occ:
             record.details["occurrence"] = occ
         sites.append(Site(node=node, record=record, output=output, original_output=output.name))
