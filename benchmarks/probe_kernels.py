@@ -77,8 +77,10 @@ def empty_rows(dev) -> list:
                             (dq,) = torch.autograd.grad(o.float().sum(), (q,))
                         r = o[0, :, 3].float()
                         mean_v = v.float().mean(2).repeat_interleave(4 // k.shape[1], 1)[0]  # uniform weights
+                        unmasked = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)[0, :, 3].float()
                         row["fwd"] = ("nan" if r.isnan().all() else "zero" if (r == 0).all()
-                                      else "mean_v" if torch.allclose(r, mean_v, atol=2e-2) else "other")
+                                      else "mean_v" if torch.allclose(r, mean_v, atol=2e-2)
+                                      else "unmasked" if torch.allclose(r, unmasked, atol=2e-2) else "other")
                         row["dq_row_abs_sum"] = float(dq[0, :, 3].float().abs().sum())
                     except Exception as e:
                         row["error"] = str(e).splitlines()[0][:160]
@@ -172,12 +174,16 @@ def apis(dev) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--only", default="apis,selector,empty_rows,gqa_mask_memory")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     result = {"env": env()}
     for name, fn in (("apis", apis), ("selector", selector), ("empty_rows", empty_rows),
                      ("gqa_mask_memory", gqa_mask_memory)):
+        if name not in args.only.split(","):
+            result[name] = []
+            continue
         try:
             result[name] = fn(dev)
         except Exception:
@@ -185,7 +191,7 @@ def main() -> None:
     with open(os.path.join(args.out, "probe_kernels.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["env"]))
-    print(json.dumps(result["apis"], indent=1))
+    print(json.dumps(result.get("apis"), indent=1))
     sel = result["selector"]
     if isinstance(sel, list):
         print("selector (dtype, head_dim, mask, causal, requires_grad): expanded -> gqa")
