@@ -53,16 +53,22 @@ class RepeatKVAttention(nn.Module):
 
 
 class GroupedRepeatAttention(nn.Module):
-    """Bagel: packed (tokens, heads, dim) K/V, grouped .repeat on a new axis, block-diagonal mask."""
+    """Bagel: packed (tokens, heads, dim) K/V, grouped .repeat on a new axis, and the block-diagonal mask
+    built in forward from the branch lengths, as examples/bagel.py does."""
 
-    def __init__(self, n_rep):
+    def __init__(self, n_rep, q_lens, kv_lens):
         super().__init__()
-        self.n_rep = n_rep
+        self.n_rep, self.q_lens, self.kv_lens = n_rep, q_lens, kv_lens
 
-    def forward(self, q, k, v, mask):  # q (1, H, Tq, D); k, v (Tk, Hkv, D)
+    def forward(self, q, k, v, mask=None):  # q (1, H, Tq, D); k, v (Tk, Hkv, D)
         t, h, d = k.shape
         k = k[:, :, None, :].repeat(1, 1, self.n_rep, 1).reshape(t, h * self.n_rep, d).transpose(0, 1)[None]
         v = v[:, :, None, :].repeat(1, 1, self.n_rep, 1).reshape(t, h * self.n_rep, d).transpose(0, 1)[None]
+        mask = torch.zeros(q.shape[-2], t, dtype=torch.bool, device=q.device)
+        q0 = k0 = 0
+        for lq, lk in zip(self.q_lens, self.kv_lens):
+            mask[q0:q0 + lq, k0:k0 + lk] = True
+            q0, k0 = q0 + lq, k0 + lk
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -95,8 +101,8 @@ def bagel_cfg(n=1024, kv=(1100, 1070, 1040)):
         for i, lk in enumerate(kv):
             mask[i * n:(i + 1) * n, k0:k0 + lk] = True
             k0 += lk
-        return (q, k, v, mask)
-    return GroupedRepeatAttention(7), build
+        return (q, k, v, mask)  # the mask is passed for the reference only; the module builds its own
+    return GroupedRepeatAttention(7, (n,) * len(kv), kv), build
 
 
 def llama_prefill(side, lengths=(2048, 1500, 1024, 700), s=2048):
@@ -152,21 +158,40 @@ def fp32_reference(module, inputs):
     return reference.attention(q.float(), k.float(), v.float(), m, fill="zero")
 
 
-def time_it(fn, input_sets, iters):
+def time_it(fn, input_sets, iters, sync_each=False):
+    """Median ms per call. Like triton's do_bench: events around each call, no host sync in between
+    (the CPU queues ahead as in a real model); with sync_each, launch latency is charged too."""
     for inputs in input_sets[:2]:
         fn(*inputs)
     torch.cuda.synchronize()
-    times = []
+    events = []
     for i in range(iters):
         inputs = input_sets[i % len(input_sets)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn(*inputs)
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+        events.append((start, end))
+        if sync_each:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
     return times[len(times) // 2]
+
+
+def kernel_profile(fn, inputs, top=6):
+    """The CUDA kernels one call launches, with their device time (µs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(*inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn(*inputs)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r[1])
+    return [{"kernel": k[:90], "us": round(t, 1), "launches": c} for k, t, c in rows[:top]]
 
 
 def peak_extra_mib(fn, inputs):
@@ -184,6 +209,7 @@ def dense_ceiling(iters):
     g = torch.Generator(device=DEV).manual_seed(0)
     q, k, v = (torch.randn(1, 32, 8192, 128, device=DEV, dtype=DT, generator=g) for _ in range(3))
     ms = time_it(lambda: F.scaled_dot_product_attention(q, k, v), [()], iters)
+    del q, k, v
     return 4 * 128 * 32 * 8192 * 8192 / (ms * 1e-3) / 1e12, ms
 
 
@@ -209,9 +235,11 @@ def run_scenario(name, iters):
             first = time.perf_counter() - t0
             err = (out.float() - ref).abs().nan_to_num(0.0).max().item()
             ms = time_it(fn, input_sets, iters)
+            ms_sync = time_it(fn, input_sets, iters, sync_each=True)
             mib = peak_extra_mib(fn, input_sets[0])
-        rows[label] = {"median_ms": ms, "useful_tflops": flops / (ms * 1e-3) / 1e12, "peak_extra_mib": mib,
-                       "max_err_vs_fp32": err, "first_call_s": first}
+            kernels = kernel_profile(fn, input_sets[0])
+        rows[label] = {"median_ms": ms, "median_ms_synced": ms_sync, "useful_tflops": flops / (ms * 1e-3) / 1e12,
+                       "peak_extra_mib": mib, "max_err_vs_fp32": err, "first_call_s": first, "kernels": kernels}
     rep = attnfx.report(variants["attnfx.optimize"])
     rows["attnfx.optimize"]["report"] = [s.to_dict() for s in rep.sites]
     return {"scenario": name, "useful_gflop": flops / 1e9, "rows": rows}
@@ -222,6 +250,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--profile", action="store_true", help="print each variant's CUDA kernels")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
@@ -248,7 +277,11 @@ def main():
         for label, r in res["rows"].items():
             print(f"  {label:26s} {r['median_ms']:8.3f} ms  x{base / r['median_ms']:5.2f}  "
                   f"{r['useful_tflops']:6.0f} TFLOP/s ({100 * r['useful_tflops'] / ceiling:3.0f}% of dense)  "
-                  f"{r['peak_extra_mib']:8.1f} MiB  err {r['max_err_vs_fp32']:.2e}", flush=True)
+                  f"{r['peak_extra_mib']:8.1f} MiB  err {r['max_err_vs_fp32']:.2e}  "
+                  f"(synced per call: {r['median_ms_synced']:.3f} ms)", flush=True)
+            if args.profile:
+                for kr in r["kernels"]:
+                    print(f"      {kr['us']:9.1f} us x{kr['launches']}  {kr['kernel']}")
         for s in res["rows"]["attnfx.optimize"]["report"]:
             print(f"    site: applied={s['applied']} mask={s.get('mask')} reason={s['reason']!r}", flush=True)
 

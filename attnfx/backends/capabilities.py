@@ -25,8 +25,8 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 
 # What a kernel returns for a query row with no allowed key, per mask spelling:
 #   "bool" (all False), "-inf" (additive, all -inf), "finfo.min" (additive, all finfo(dtype).min).
-# Values: "zero", "nan", "mean_v" (uniform weights, as eager softmax gives), "other" (neither: not
-# reproducible by another kernel), "unknown" (not measured).
+# Values: "zero", "nan", "mean_v" (uniform weights, as eager softmax gives), "unmasked" (attention over
+# every key, as if the row had no mask), "other" (not reproducible), "unknown" (not measured).
 NoKeyRows = dict
 
 
@@ -64,9 +64,9 @@ TABLE: tuple[Kernel, ...] = (
            note="bf16 needs sm80+; GQA accepted in later torch versions per sdp_utils.cpp (not measured)"),
     Kernel("sdpa.cudnn", "sdpa", ("cuda",), (F16, BF16), 256, mask=True, gqa="native",
            causal=("top_left",), varlen=False, min_torch=(2, 5), min_arch=(9, 0),
-           no_key_rows={"bool": "other", "-inf": "zero", "finfo.min": "zero"},
+           no_key_rows={"bool": "unmasked", "-inf": "zero", "finfo.min": "zero"},
            verified="measured on H200, torch 2.11: default for fp16/bf16 (d 64-256, with and without masks), "
-                    "takes GQA with masks"),
+                    "takes GQA with masks; a bool-mask row with no allowed key attends every key"),
     Kernel("sdpa.math", "sdpa", ("cuda", "cpu", "npu", "xpu", "mps"), (F16, BF16, F32, F64), None, mask=True,
            gqa="expands", causal=("top_left",), varlen=False, min_torch=(2, 5), no_key_rows=_ZERO_ZERO_MEAN,
            verified="measured on H200 torch 2.11 and CPU torch 2.13",

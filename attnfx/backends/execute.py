@@ -4,19 +4,23 @@ with what the original computes there.
 
 Kernels (names as in the capability table):
   ``sdpa.split``    one SDPA call per segment (views, no copies), outputs concatenated;
-  ``varlen.<impl>`` all segments packed into one (or, mixing causal and full segments, two) varlen calls;
+  ``varlen.<impl>`` the segments packed into one (or, mixing causal and full segments, two) varlen calls;
+                    zero-copy where the layout allows (one packed batch row of block-diagonal sequences;
+                    right padding through ``seqused_k``);
   ``reference``     the pure-PyTorch reference, dense.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from attnfx.backends import capabilities, reference, varlen
-from attnfx.masks import Causal, General, MaskStructure, NoMask, Segment
+from attnfx.masks import BlockDiagonal, Causal, General, MaskStructure, NoMask, Padding, Segment
 
-FILLS = ("zero", "nan", "mean_v")
+FILLS = ("zero", "nan", "mean_v", "unmasked")
 MAX_SPLIT = 16  # more segments than this: one varlen launch beats many small SDPA calls
 
 
@@ -41,39 +45,107 @@ def choose_kernel(structure: MaskStructure, q_len: int, kv_len: int, device: tor
     return impls[0], f"{len(segs)} segments packed into varlen calls"
 
 
+@dataclass
+class _Call:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float | None
+    enable_gqa: bool
+    fill: str
+
+    def rows(self, t: torch.Tensor, s: Segment, lo: int, hi: int) -> torch.Tensor:
+        t = t if s.batch is None else t[s.batch:s.batch + 1]
+        return t[..., lo:hi, :]
+
+    def sdpa(self, s: Segment) -> torch.Tensor:
+        q, k, v = self.rows(self.q, s, s.q0, s.q1), self.rows(self.k, s, s.k0, s.k1), self.rows(self.v, s, s.k0, s.k1)
+        lq, lk = s.q1 - s.q0, s.k1 - s.k0
+        mask, is_causal = None, False
+        if s.causal and lq == lk:
+            is_causal = True
+        elif s.causal:  # bottom-right with more keys than queries: SDPA's is_causal is top-left
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        kw = {"enable_gqa": True} if self.enable_gqa else {}
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, **kw)
+
+    def gap(self, r0: int, r1: int, batch: int | None) -> torch.Tensor:
+        """Rows [r0, r1) have no allowed key: what the original kernel gives there."""
+        q = self.q if batch is None else self.q[batch:batch + 1]
+        v = self.v if batch is None else self.v[batch:batch + 1]
+        shape = (*q.shape[:-2], r1 - r0, v.shape[-1])
+        if self.fill == "zero":
+            return q.new_zeros(shape)
+        if self.fill == "nan":
+            return q.new_full(shape, float("nan"))
+        if self.fill == "mean_v":  # uniform weights over every key: eager softmax on an all-finfo.min row
+            m = v.to(torch.promote_types(v.dtype, torch.float32)).mean(-2, keepdim=True).to(q.dtype)
+            if m.shape[-3] != q.shape[-3]:
+                m = m.repeat_interleave(q.shape[-3] // m.shape[-3], dim=-3)
+            return m.expand(shape)
+        if self.fill == "unmasked":  # cuDNN with a bool mask: such a row attends every key
+            return self.sdpa(Segment(r0, r1, 0, self.k.shape[-2], batch=batch))
+        raise ValueError(f"cannot fill rows with no allowed key with {self.fill!r}")
+
+
 def run(structure: MaskStructure, kernel: str, q, k, v, *, scale=None, enable_gqa=False, fill="zero"):
     if kernel == "reference":
+        if fill == "unmasked":
+            raise ValueError("the reference kernel does not reproduce 'unmasked' rows")
         allowed = structure.materialize(q.shape[-2], k.shape[-2], q.device)
         return reference.attention(q, k, v, allowed, scale=scale, fill=fill)
+    call = _Call(q, k, v, scale, enable_gqa, fill)
+    if kernel.startswith("varlen."):
+        impl = kernel[len("varlen."):]
+        fast = _varlen_zero_copy(structure, call, impl)
+        if fast is not None:
+            return fast
     segs = structure.segments(q.shape[-2], k.shape[-2])
     if kernel == "sdpa.split":
-        outs = {id(s): _sdpa_segment(q, k, v, s, scale, enable_gqa) for s in segs}
+        outs = {id(s): call.sdpa(s) for s in segs}
     elif kernel.startswith("varlen."):
-        outs = _varlen_segments(q, k, v, segs, scale, kernel[len("varlen."):])
+        outs = _varlen_segments(call, segs, kernel[len("varlen."):])
     else:
         raise ValueError(f"unknown structured kernel {kernel!r}")
-    return _assemble(q, k, v, segs, outs, fill)
+    return _assemble(call, segs, outs)
 
 
-def _rows(t: torch.Tensor, s: Segment, lo: int, hi: int) -> torch.Tensor:
-    t = t if s.batch is None else t[s.batch:s.batch + 1]
-    return t[..., lo:hi, :]
+def _varlen_zero_copy(structure: MaskStructure, c: _Call, impl: str) -> torch.Tensor | None:
+    """Layouts varlen kernels read in place: no packing copies, the output a view."""
+    q, k, v = c.q, c.k, c.v
+    if q.dim() != 4:
+        return None
+    b, _, lq, _ = q.shape
+    lk = k.shape[-2]
+    if isinstance(structure, BlockDiagonal) and b == 1 and sum(structure.q_seqlens) == lq \
+            and sum(structure.kv_seqlens) == lk and all(structure.q_seqlens) and all(structure.kv_seqlens):
+        cu_q = _cumsum(structure.q_seqlens, q.device)
+        cu_k = _cumsum(structure.kv_seqlens, q.device)
+        out = varlen.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu_k,
+                                      max(structure.q_seqlens), max(structure.kv_seqlens), causal=structure.causal,
+                                      scale=c.scale, impl=impl)
+        return out.transpose(0, 1)[None]
+    if (isinstance(structure, Padding) and structure.side == "right" and all(structure.lengths)
+            and (structure.causal is None or lq == lk) and varlen.supports_seqused_k(impl)):
+        # padded layout: sequence i is rows [i*L, (i+1)*L); seqused_k limits its keys to the real ones.
+        # Causal + right padding: row r sees keys j <= r with j < len — rows past the end see every real key.
+        pack = lambda t: t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3])  # noqa: E731
+        cu_q = torch.arange(0, (b + 1) * lq, lq, device=q.device, dtype=torch.int32)
+        cu_k = torch.arange(0, (b + 1) * lk, lk, device=q.device, dtype=torch.int32)
+        used = torch.tensor(structure.lengths, device=q.device, dtype=torch.int32)
+        out = varlen.varlen_attention(pack(q), pack(k), pack(v), cu_q, cu_k, lq, lk,
+                                      causal=structure.causal is not None, scale=c.scale, impl=impl, seqused_k=used)
+        return out.view(b, lq, q.shape[1], v.shape[-1]).transpose(1, 2)
+    return None
 
 
-def _sdpa_segment(q, k, v, s: Segment, scale, enable_gqa):
-    qs, ks, vs = _rows(q, s, s.q0, s.q1), _rows(k, s, s.k0, s.k1), _rows(v, s, s.k0, s.k1)
-    lq, lk = s.q1 - s.q0, s.k1 - s.k0
-    mask, is_causal = None, False
-    if s.causal and lq == lk:
-        is_causal = True
-    elif s.causal:  # bottom-right with more keys than queries: SDPA's is_causal is top-left
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-    kw = {"enable_gqa": True} if enable_gqa else {}
-    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=scale, **kw)
+def _cumsum(lengths, device) -> torch.Tensor:
+    return torch.tensor([0, *lengths], device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
 
-def _varlen_segments(q, k, v, segs: list[Segment], scale, impl: str) -> dict[int, torch.Tensor]:
+def _varlen_segments(c: _Call, segs: list[Segment], impl: str) -> dict[int, torch.Tensor]:
     """Pack the segments as varlen sequences (one call per causal flag); outputs per segment, (…, H, rows, D)."""
+    q, k, v = c.q, c.k, c.v
     if q.dim() != 4:
         raise ValueError("varlen kernels take (batch, heads, seq, dim) inputs")
     outs = {}
@@ -89,15 +161,12 @@ def _varlen_segments(q, k, v, segs: list[Segment], scale, impl: str) -> dict[int
                 v_parts.append(v[b, :, s.k0:s.k1].transpose(0, 1))
                 lq.append(s.q1 - s.q0)
                 lk.append(s.k1 - s.k0)
-                owners.append((s, b))
+                owners.append(s)
         qp, kp, vp = (torch.cat(p, 0) if len(p) > 1 else p[0] for p in (q_parts, k_parts, v_parts))
-        cu_q = torch.tensor([0] + lq, device=q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        cu_k = torch.tensor([0] + lk, device=q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        out = varlen.varlen_attention(qp, kp, vp, cu_q, cu_k, max(lq), max(lk), causal=causal, scale=scale,
-                                      impl=impl)
-        pieces = out.split(lq, 0)
+        out = varlen.varlen_attention(qp, kp, vp, _cumsum(lq, q.device), _cumsum(lk, q.device), max(lq), max(lk),
+                                      causal=causal, scale=c.scale, impl=impl)
         per_seg: dict[int, list] = {}
-        for (s, b), piece in zip(owners, pieces):
+        for s, piece in zip(owners, out.split(lq, 0)):
             per_seg.setdefault(id(s), []).append(piece.transpose(0, 1).unsqueeze(0))
         for s in group:
             parts = per_seg[id(s)]
@@ -105,44 +174,24 @@ def _varlen_segments(q, k, v, segs: list[Segment], scale, impl: str) -> dict[int
     return outs
 
 
-def _fill(q, k, v, rows: int, fill: str, batch: int | None) -> torch.Tensor:
-    qb = q if batch is None else q[batch:batch + 1]
-    shape = (*qb.shape[:-2], rows, v.shape[-1])
-    if fill == "zero":
-        return qb.new_zeros(shape)
-    if fill == "nan":
-        return qb.new_full(shape, float("nan"))
-    if fill == "mean_v":  # uniform weights over every key: what eager softmax gives on an all-finfo.min row
-        vb = v if batch is None else v[batch:batch + 1]
-        m = vb.to(torch.promote_types(vb.dtype, torch.float32)).mean(-2, keepdim=True).to(q.dtype)
-        if m.shape[-3] != q.shape[-3]:
-            m = m.repeat_interleave(q.shape[-3] // m.shape[-3], dim=-3)
-        return m.expand(shape)
-    raise ValueError(f"cannot fill rows with no allowed key with {fill!r}")
-
-
-def _assemble(q, k, v, segs: list[Segment], outs: dict[int, torch.Tensor], fill: str) -> torch.Tensor:
+def _assemble(c: _Call, segs: list[Segment], outs: dict[int, torch.Tensor]) -> torch.Tensor:
     """Concatenate segment outputs in row order, filling the rows no segment covers."""
-    q_len = q.shape[-2]
     if any(s.batch is not None for s in segs):
-        rows = []
-        for b in range(q.shape[0]):
-            mine = [s for s in segs if s.batch in (None, b)]
-            rows.append(_concat_rows(q, k, v, mine, outs, fill, q_len, b))
-        return torch.cat(rows, 0)
-    return _concat_rows(q, k, v, segs, outs, fill, q_len, None)
+        return torch.cat([_concat_rows(c, [s for s in segs if s.batch in (None, b)], outs, b)
+                          for b in range(c.q.shape[0])], 0)
+    return _concat_rows(c, segs, outs, None)
 
 
-def _concat_rows(q, k, v, segs, outs, fill, q_len, batch):
+def _concat_rows(c: _Call, segs: list[Segment], outs: dict[int, torch.Tensor], batch: int | None) -> torch.Tensor:
     pieces, row = [], 0
     for s in sorted(segs, key=lambda s: s.q0):
         if s.q0 > row:
-            pieces.append(_fill(q, k, v, s.q0 - row, fill, batch))
+            pieces.append(c.gap(row, s.q0, batch))
         out = outs[id(s)]
         if batch is not None and s.batch is None:
             out = out[batch:batch + 1]
         pieces.append(out)
         row = s.q1
-    if row < q_len:
-        pieces.append(_fill(q, k, v, q_len - row, fill, batch))
+    if row < c.q.shape[-2]:
+        pieces.append(c.gap(row, c.q.shape[-2], batch))
     return torch.cat(pieces, -2) if len(pieces) > 1 else pieces[0]

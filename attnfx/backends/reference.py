@@ -33,19 +33,23 @@ def attention(q, k, v, allowed=None, *, scale=None, fill: str = "zero"):
     return out.to(q.dtype)
 
 
-def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None):
-    """Packed sequences (total, heads, d); sequence i is rows cu_q[i]:cu_q[i+1] against cu_k[i]:cu_k[i+1];
-    causal is bottom-right aligned, as FlashAttention's varlen is."""
+def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None, seqused_k=None):
+    """Packed sequences (total, heads, d); sequence i is rows cu_q[i]:cu_q[i+1] against cu_k[i]:cu_k[i+1]
+    (only the first seqused_k[i] keys, if given); causal is bottom-right aligned, as FlashAttention's
+    varlen is (over the full key span of the sequence)."""
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     cq, ck = cu_q.tolist(), cu_k.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
     for i in range(len(cq) - 1):
         qs, ks = q[cq[i]:cq[i + 1]].transpose(0, 1), k[ck[i]:ck[i + 1]].transpose(0, 1)
         vs = v[ck[i]:ck[i + 1]].transpose(0, 1)
         lq, lk = qs.shape[1], ks.shape[1]
         if lq == 0:
             continue
-        allowed = None
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
         if causal:
-            allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+            allowed = allowed.tril(lk - lq)
+        if used is not None:
+            allowed[:, used[i]:] = False
         out[cq[i]:cq[i + 1]] = attention(qs, ks, vs, allowed, scale=scale).transpose(0, 1)
     return out

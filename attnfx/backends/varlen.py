@@ -51,16 +51,30 @@ def implementations(device: torch.device, dtype: torch.dtype) -> list[str]:
     return impls
 
 
+def supports_seqused_k(impl: str) -> bool:
+    """Whether ``impl`` takes ``seqused_k`` (keys of sequence i: only the first seqused_k[i] are used)."""
+    if impl in ("reference", "aten.flash"):
+        return True
+    if impl == "torch.varlen":
+        return "seqused_k" in (_torch_varlen_params() or ())
+    return False
+
+
 def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: bool, scale: float | None,
-                     impl: str) -> torch.Tensor:
+                     impl: str, seqused_k: torch.Tensor | None = None) -> torch.Tensor:
     if impl == "reference":
-        return reference.varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale)
+        return reference.varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale, seqused_k=seqused_k)
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    if seqused_k is not None and impl == "torch.varlen" and not supports_seqused_k(impl):
+        impl = "aten.flash"
     if impl == "flash_attn":
+        if seqused_k is not None:
+            raise ValueError("flash_attn_varlen_func takes no seqused_k")
         return _flash_attn()(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal)
     if impl == "aten.flash":
+        kw = {"seqused_k": seqused_k.to(torch.int32)} if seqused_k is not None else {}
         return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                                       scale=scale)[0]
+                                                       scale=scale, **kw)[0]
     if impl == "torch.varlen":
         from torch.nn.attention.varlen import varlen_attn
 
@@ -70,6 +84,8 @@ def varlen_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, causal: boo
         kwargs = {"scale": scale} if scale is not None else {}
         if "enable_gqa" in params and k.shape[1] != q.shape[1]:
             kwargs["enable_gqa"] = True
+        if seqused_k is not None:
+            kwargs["seqused_k"] = seqused_k.to(torch.int32)
         if "is_causal" in params:
             kwargs["is_causal"] = causal
         elif causal:
