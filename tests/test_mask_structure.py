@@ -283,8 +283,9 @@ def test_static_gradients_match():
         assert_same(a, e)
 
 
-def test_runtime_gradients_match():
-    structure, batch, q_len, kv_len = STRUCTURES["block_diagonal"]
+@pytest.mark.parametrize("name", ["block_diagonal", "row_groups_hunyuan_step2", "padding_left_causal"])
+def test_runtime_gradients_match(name):
+    structure, batch, q_len, kv_len = STRUCTURES[name]
     q, k, v = qkv(batch, q_len, kv_len, requires_grad=True)
     mask = structure.materialize(q_len, kv_len)
     c = Compiled(gqa_sdpa)

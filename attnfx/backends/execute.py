@@ -102,12 +102,43 @@ def run(structure: MaskStructure, kernel: str, q, k, v, *, scale=None, enable_gq
             return fast
     segs = structure.segments(q.shape[-2], k.shape[-2])
     if kernel == "sdpa.split":
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        dominant = None if needs_grad else _dominant(segs, q.shape[-2])  # SDPA's backward saves its output
+        if dominant is not None:
+            return _overwrite(call, segs, dominant)
         outs = {id(s): call.sdpa(s) for s in segs}
     elif kernel.startswith("varlen."):
         outs = _varlen_segments(call, segs, kernel[len("varlen."):])
     else:
         raise ValueError(f"unknown structured kernel {kernel!r}")
     return _assemble(call, segs, outs)
+
+
+def _dominant(segs: list[Segment], q_len: int) -> Segment | None:
+    """A full (non-causal) segment holding nearly all rows, worth computing over every row."""
+    if any(s.batch is not None for s in segs):
+        return None
+    big = max(segs, key=lambda s: s.q1 - s.q0, default=None)
+    if big is None or big.causal or (len(segs) == 1 and big.q1 - big.q0 == q_len):
+        return None
+    return big if (big.q1 - big.q0) >= 0.9 * q_len else None
+
+
+def _overwrite(c: _Call, segs: list[Segment], big: Segment) -> torch.Tensor:
+    """The dominant segment's call over *all* rows gives the output tensor; the few other rows (computed
+    with its keys, which is wrong for them) are then overwritten in place — no concatenation copy."""
+    q_len = c.q.shape[-2]
+    out = c.sdpa(Segment(0, q_len, big.k0, big.k1))
+    row = 0
+    for s in sorted(segs, key=lambda s: s.q0):
+        if s.q0 > row:
+            out[..., row:s.q0, :] = c.gap(row, s.q0, None)
+        if s is not big:
+            out[..., s.q0:s.q1, :] = c.sdpa(s)
+        row = s.q1
+    if row < q_len:
+        out[..., row:q_len, :] = c.gap(row, q_len, None)
+    return out
 
 
 def _varlen_zero_copy(structure: MaskStructure, c: _Call, impl: str) -> torch.Tensor | None:
@@ -125,6 +156,8 @@ def _varlen_zero_copy(structure: MaskStructure, c: _Call, impl: str) -> torch.Te
                                       max(structure.q_seqlens), max(structure.kv_seqlens), causal=structure.causal,
                                       scale=c.scale, impl=impl)
         return out.transpose(0, 1)[None]
+    if not varlen.supports_seqused_k(impl) and impl != "reference" and varlen.supports_seqused_k("aten.flash"):
+        impl = "aten.flash"  # the same FlashAttention kernels, reached through the op that takes seqused_k
     if (isinstance(structure, Padding) and structure.side == "right" and all(structure.lengths)
             and (structure.causal is None or lq == lk) and varlen.supports_seqused_k(impl)):
         # padded layout: sequence i is rows [i*L, (i+1)*L); seqused_k limits its keys to the real ones.
