@@ -24,9 +24,13 @@ FILLS = ("zero", "nan", "mean_v", "unmasked")
 MAX_SPLIT = 16  # more segments than this: one varlen launch beats many small SDPA calls
 
 
-def choose_kernel(structure: MaskStructure, q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype,
-                  head_dim: int, forced: str | None = None) -> tuple[str | None, str]:
-    """(kernel, why) for running ``structure``; kernel None means: keep the dense masked SDPA."""
+def choose_kernel(structure: MaskStructure, batch: int, q_len: int, kv_len: int, device: torch.device,
+                  dtype: torch.dtype, head_dim: int, forced: str | None = None) -> tuple[str | None, str]:
+    """(kernel, why) for running ``structure``; kernel None means: keep the dense masked SDPA.
+
+    One SDPA call per segment reads q/k/v in place; varlen is chosen where it reads them in place too
+    (one packed batch row of block-diagonal sequences) or where segments are too many for separate calls.
+    """
     if forced is not None:
         why = capabilities.supports(forced, device=device.type, dtype=dtype, head_dim=head_dim)
         return (None, why) if why else (forced, "forced by options")
@@ -35,14 +39,17 @@ def choose_kernel(structure: MaskStructure, q_len: int, kv_len: int, device: tor
     if isinstance(structure, Causal) and structure.window is not None:
         return None, "sliding-window masks are kept dense (no windowed kernel adapter yet)"
     segs = structure.segments(q_len, kv_len)
+    n = sum(batch if s.batch is None else 1 for s in segs) if isinstance(structure, Padding) else len(segs)
     ragged = any(s.causal and s.q1 - s.q0 != s.k1 - s.k0 for s in segs)  # bottom-right causal, not square
     impls = [f"varlen.{i}" for i in varlen.implementations(device, dtype) if i != "reference"]
     impls = [i for i in impls if not capabilities.supports(i, device=device.type, dtype=dtype, head_dim=head_dim)]
-    if isinstance(structure, NoMask) or (len(segs) <= 2 and not ragged) or not impls:
-        if len(segs) <= MAX_SPLIT:
-            return "sdpa.split", f"{len(segs)} segment(s), one SDPA call each"
-        return None, f"{len(segs)} segments and no varlen kernel on {device.type}/{dtype}: the dense mask is kept"
-    return impls[0], f"{len(segs)} segments packed into varlen calls"
+    if impls and isinstance(structure, BlockDiagonal) and batch == 1 and len(segs) > 2:
+        return impls[0], f"{len(segs)} packed sequences, one varlen call reading them in place"
+    if impls and (ragged or n > MAX_SPLIT):
+        return impls[0], f"{n} segments packed into varlen calls"
+    if n <= MAX_SPLIT:
+        return "sdpa.split", f"{n} segment(s), one SDPA call each"
+    return None, f"{n} segments and no varlen kernel on {device.type}/{dtype}: the dense mask is kept"
 
 
 @dataclass
@@ -159,9 +166,9 @@ def _varlen_zero_copy(structure: MaskStructure, c: _Call, impl: str) -> torch.Te
     if not varlen.supports_seqused_k(impl) and impl != "reference" and varlen.supports_seqused_k("aten.flash"):
         impl = "aten.flash"  # the same FlashAttention kernels, reached through the op that takes seqused_k
     if (isinstance(structure, Padding) and structure.side == "right" and all(structure.lengths)
-            and (structure.causal is None or lq == lk) and varlen.supports_seqused_k(impl)):
+            and structure.causal is None and varlen.supports_seqused_k(impl)):
         # padded layout: sequence i is rows [i*L, (i+1)*L); seqused_k limits its keys to the real ones.
-        # Causal + right padding: row r sees keys j <= r with j < len — rows past the end see every real key.
+        # Not for causal masks: FlashAttention aligns causal to the *used* key length (measured on H200).
         pack = lambda t: t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3])  # noqa: E731
         cu_q = torch.arange(0, (b + 1) * lq, lq, device=q.device, dtype=torch.int32)
         cu_k = torch.arange(0, (b + 1) * lk, lk, device=q.device, dtype=torch.int32)

@@ -36,7 +36,7 @@ def attention(q, k, v, allowed=None, *, scale=None, fill: str = "zero"):
 def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None, seqused_k=None):
     """Packed sequences (total, heads, d); sequence i is rows cu_q[i]:cu_q[i+1] against cu_k[i]:cu_k[i+1]
     (only the first seqused_k[i] keys, if given); causal is bottom-right aligned, as FlashAttention's
-    varlen is (over the full key span of the sequence)."""
+    varlen is — with seqused_k, aligned to the used keys (as measured on H200, torch 2.11)."""
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     cq, ck = cu_q.tolist(), cu_k.tolist()
     used = seqused_k.tolist() if seqused_k is not None else None
@@ -46,10 +46,10 @@ def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None, sequs
         lq, lk = qs.shape[1], ks.shape[1]
         if lq == 0:
             continue
-        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        n = lk if used is None else used[i]
+        allowed = torch.zeros(lq, lk, dtype=torch.bool, device=q.device)
+        allowed[:, :n] = True
         if causal:
-            allowed = allowed.tril(lk - lq)
-        if used is not None:
-            allowed[:, used[i]:] = False
+            allowed[:, :n] = allowed[:, :n].tril(n - lq)
         out[cq[i]:cq[i + 1]] = attention(qs, ks, vs, allowed, scale=scale).transpose(0, 1)
     return out

@@ -181,8 +181,8 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
             if fill not in execute.FILLS:
                 return Outcome.refuse(f"{analysis.empty_rows} row(s) have no allowed key and the original kernel "
                                       f"({original}) gives '{fill}' there", mask=_mask_detail(analysis, "static"))
-        kernel, why = execute.choose_kernel(analysis.structure, q.shape[-2], k.shape[-2], q.device, q.dtype,
-                                            q.shape[-1], forced)
+        kernel, why = execute.choose_kernel(analysis.structure, q.shape[0] if q.dim() == 4 else 1, q.shape[-2],
+                                            k.shape[-2], q.device, q.dtype, q.shape[-1], forced)
         if kernel is None:
             return Outcome.refuse(why, mask=_mask_detail(analysis, "static"))
         target: Any = StaticPlan(analysis, kernel, fill)

@@ -72,8 +72,8 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints) -> Plan:
             if fill not in execute.FILLS:
                 return Plan(analysis, None, None, f"{analysis.empty_rows} row(s) have no allowed key and the "
                                                   f"original kernel gives '{fill}' there: kept dense to match it")
-        kernel, why = execute.choose_kernel(analysis.structure, q_len, kv_len, q.device, q.dtype, q.shape[-1],
-                                            site.forced_kernel)
+        kernel, why = execute.choose_kernel(analysis.structure, batch, q_len, kv_len, q.device, q.dtype,
+                                            q.shape[-1], site.forced_kernel)
         return Plan(analysis, kernel, fill, why)
 
     # the same tensor objects at the same _version as on the previous call: the same plan, no key to build
