@@ -69,6 +69,55 @@ def gqa_cases(dev):
             yield f"gqa {name} {str(dtype)[6:]}", case
 
 
+def structure_cases(dev):
+    """Every mask structure of tests/test_mask_structure.py, each CUDA kernel, bool and finfo.min masks."""
+    from test_mask_structure import STRUCTURES, spell
+
+    from attnfx.backends import varlen
+
+    kernels = [None, "sdpa.split"] + [f"varlen.{i}" for i in varlen.implementations(dev, torch.bfloat16)
+                                      if i != "reference"]
+    for name, (structure, batch, q_len, kv_len) in sorted(STRUCTURES.items()):
+        for kernel in kernels:
+            for spelling in ("bool", "finfo.min"):
+                def case(structure=structure, batch=batch, q_len=q_len, kv_len=kv_len, kernel=kernel,
+                         spelling=spelling):
+                    scale = 16  # sizes x16: kernels tile in blocks of 64-128 rows
+                    ql, kl = q_len * scale, kv_len * scale
+                    s = _scaled(structure, scale)
+                    q = torch.randn(batch, 8, ql, 64, device=dev, dtype=torch.bfloat16)
+                    k = torch.randn(batch, 2, kl, 64, device=dev, dtype=torch.bfloat16)
+                    v = torch.randn(batch, 2, kl, 64, device=dev, dtype=torch.bfloat16)
+                    mask = spell(s.materialize(ql, kl, dev).expand(batch, 1, ql, kl), spelling, torch.bfloat16)
+
+                    def attn(q, k, v, m):
+                        return F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1),
+                                                              v.repeat_interleave(4, 1), attn_mask=m)
+
+                    opts = {"kernel": kernel} if kernel else {}
+                    opt = attnfx.optimize(attn, compiler="eager", verify=True, rtol=3e-2, atol=3e-2, **opts)
+                    out, ref = opt(q, k, v, mask), attn(q, k, v, mask)
+                    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2, equal_nan=True)
+                    return (out - ref).abs().nan_to_num().max().item(), attnfx.report(opt)
+                yield f"mask {name} {kernel or 'auto'} {spelling}", case
+
+
+def _scaled(structure, f):
+    """The same structure with every length multiplied by f."""
+    from dataclasses import fields, replace
+
+    from attnfx.masks import Segment
+
+    def grow(x):
+        if isinstance(x, Segment):
+            return Segment(x.q0 * f, x.q1 * f, x.k0 * f, x.k1 * f, x.causal, x.batch)
+        if isinstance(x, tuple):
+            return tuple(grow(y) for y in x)
+        return x * f if isinstance(x, int) and not isinstance(x, bool) else x
+
+    return replace(structure, **{fl.name: grow(getattr(structure, fl.name)) for fl in fields(structure)})
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -76,7 +125,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     results, failures = [], 0
-    for cases in (hf_cases(dev), gqa_cases(dev)):
+    for cases in (hf_cases(dev), gqa_cases(dev), structure_cases(dev)):
         for name, case in cases:
             torch._dynamo.reset()
             torch.manual_seed(0)
@@ -84,10 +133,13 @@ def main():
                 err, rep = case()
                 sites = rep.sites
                 full = bool(sites) and all("gqa" in s.applied for s in sites)
+                if name.startswith("mask"):
+                    full = all("mask_structure" in s.applied for s in sites)
                 status = "rewritten" if full else "partly refused"
                 row = {"case": name, "ok": True, "status": status, "max_err": err, "verified": rep.verified,
                        "sites": [s.to_dict() for s in sites]}
-                kernels = sorted({s.details.get("kernel", "?") for s in sites})
+                kernels = sorted({(s.details.get("mask") or {}).get("kernel", s.details.get("sdpa_kernel", "?"))
+                                  for s in sites})
                 reasons = sorted({s.reason for s in sites if s.reason})
                 print(f"OK {status:14s} {name:48s} max_err={err:.2e} kernels={kernels} {reasons}", flush=True)
             except Exception as e:
