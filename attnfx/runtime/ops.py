@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -44,8 +44,8 @@ class SiteRuntime:
     namespace: tuple  # identifies the mask expression: sites sharing a mask node share plans
     no_key_rows: dict[str, str]  # what the original kernel gives on rows with no allowed key, per spelling
     forced_kernel: str | None = None
-    on_plan: Callable[[Plan], None] | None = None  # reports the first plan
-    planned: set = field(default_factory=set)
+    on_plan: Callable[[Plan], None] | None = None  # reports each new plan
+    reported: Plan | None = None  # held, not an id(): a freed plan's id can be reused by the next one
     last: tuple | None = None  # (signature, plan) of the previous call: the common case, checked first
 
 
@@ -84,8 +84,8 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints) -> Plan:
     namespace = (*site.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse)
     site.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
-    if site.on_plan is not None and id(plan) not in site.planned:
-        site.planned.add(id(plan))
+    if site.on_plan is not None and site.reported is not plan:
+        site.reported = plan
         site.on_plan(plan)
     return plan
 
