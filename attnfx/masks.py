@@ -204,11 +204,14 @@ class Analysis:
     q_len: int
     kv_len: int
     empty_rows: int  # number of (batch row, query row) pairs with no allowed key
+    dead_keys: int = 0  # key columns no query row of any batch row may attend
 
     def describe(self) -> dict[str, Any]:
         d = self.structure.describe()
         if self.empty_rows:
             d["rows_without_keys"] = self.empty_rows
+        if self.dead_keys:
+            d["keys_never_attended"] = self.dead_keys
         return d
 
 
@@ -245,7 +248,8 @@ def classify(mask: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int
         allowed = allowed.unsqueeze(0)
     if allowed.shape[1] != 1:  # one mask per head: only if all heads agree
         if not bool((allowed == allowed[:, :1]).all()):
-            return Analysis(General(allowed), spelling, q_len, kv_len, _empty(allowed))
+            return Analysis(General(allowed), spelling, q_len, kv_len, _empty(allowed),
+                            int((~allowed.any(-2).any(0).any(0)).sum()))
         allowed = allowed[:, :1]
     allowed = allowed.expand(allowed.shape[0], 1, q_len, kv_len)
     m = allowed[:, 0]  # (Bm, Q, K)
@@ -254,14 +258,15 @@ def classify(mask: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int
     hi = kv_len - 1 - m.flip(-1).to(torch.uint8).argmax(-1)
     contiguous = bool(((m.sum(-1) == hi - lo + 1) | ~any_).all())
     empty = int((~any_).sum()) * (batch if m.shape[0] == 1 else 1)
+    dead_keys = int((~m.any(0).any(0)).sum())
     if not contiguous:
-        return Analysis(General(allowed), spelling, q_len, kv_len, empty)
+        return Analysis(General(allowed), spelling, q_len, kv_len, empty, dead_keys)
     rows = torch.stack([lo, hi + 1, any_.to(lo.dtype)], -1).tolist()  # per batch row, per query row: [k0, k1, any]
     structure = _structure(rows, q_len, kv_len)
     if structure is not None and not torch.equal(structure.materialize(q_len, kv_len, m.device)
                                                  .expand_as(allowed), allowed):
         structure = None  # never trust a classification that does not reproduce the mask
-    return Analysis(structure or General(allowed), spelling, q_len, kv_len, empty)
+    return Analysis(structure or General(allowed), spelling, q_len, kv_len, empty, dead_keys)
 
 
 def _empty(allowed: torch.Tensor) -> int:

@@ -52,6 +52,17 @@ class RepeatKVAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class ImageRowsAttention(RepeatKVAttention):
+    """HunyuanImage3 step 1: attention over every token, only the image rows' outputs are read."""
+
+    def __init__(self, n_rep, rows):
+        super().__init__(n_rep)
+        self.rows = rows
+
+    def forward(self, q, k, v, mask):
+        return super().forward(q, k, v, mask)[:, :, self.rows]
+
+
 class GroupedRepeatAttention(nn.Module):
     """Bagel: packed (tokens, heads, dim) K/V, grouped .repeat on a new axis, and the block-diagonal mask
     built in forward from the branch lengths, as examples/bagel.py does."""
@@ -89,6 +100,18 @@ def hunyuan_step2(t, n, b):
         mask[:, -1] = False
         return (q, k, v, mask[None, None].expand(b, 1, 1 + n, s).contiguous())
     return RepeatKVAttention(4), build
+
+
+def hunyuan_step1(t, n, b):
+    def build(g):
+        s = t + n + 2
+        q = torch.randn(b, 32, s, 128, device=DEV, dtype=DT, generator=g)
+        k = torch.randn(b, 8, s, 128, device=DEV, dtype=DT, generator=g)
+        v = torch.randn(b, 8, s, 128, device=DEV, dtype=DT, generator=g)
+        mask = torch.ones(s, s, dtype=torch.bool, device=DEV).tril()
+        mask[t + 1:t + 1 + n, t + 1:t + 1 + n] = True
+        return (q, k, v, mask[None, None].expand(b, 1, s, s).contiguous())
+    return ImageRowsAttention(4, slice(t + 1, t + 1 + n)), build
 
 
 def bagel_cfg(n=1024, kv=(1100, 1070, 1040)):
@@ -132,6 +155,7 @@ SCENARIOS = {
     "hunyuan_step2_T1000_N4096_B1": lambda: hunyuan_step2(1000, 4096, 1),
     "hunyuan_step2_T300_N1024_B1": lambda: hunyuan_step2(300, 1024, 1),
     "hunyuan_step2_T1000_N4096_B2": lambda: hunyuan_step2(1000, 4096, 2),
+    "hunyuan_step1_T1000_N4096_B2": lambda: hunyuan_step1(1000, 4096, 2),
     "bagel_cfg_1100_1070_1040": lambda: bagel_cfg(),
     "llama_prefill_right_padding": lambda: llama_prefill("right"),
     "llama_prefill_left_padding": lambda: llama_prefill("left"),
@@ -141,13 +165,15 @@ SCENARIOS = {
 
 
 def allowed_pairs(inputs, module) -> tuple[torch.Tensor | None, int]:
+    """The mask, and the (query, key) pairs whose result is read (useful work)."""
     q, k, v, mask = inputs
     heads = q.shape[-3]
     if mask is None:
         return None, q.shape[0] * q.shape[-2] * (k.shape[-2] if k.dim() == 4 else k.shape[0]) * heads
     m = mask if mask.dim() == 4 else mask[None, None]
     m = m.expand(q.shape[0], 1, q.shape[-2], m.shape[-1])
-    return m, int(m.sum()) * heads
+    read = m[:, :, module.rows] if isinstance(module, ImageRowsAttention) else m
+    return m, int(read.sum()) * heads
 
 
 def fp32_reference(module, inputs):
@@ -155,7 +181,8 @@ def fp32_reference(module, inputs):
     if isinstance(module, GroupedRepeatAttention):
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     m, _ = allowed_pairs(inputs, module)
-    return reference.attention(q.float(), k.float(), v.float(), m, fill="zero")
+    out = reference.attention(q.float(), k.float(), v.float(), m, fill="zero")
+    return out[:, :, module.rows] if isinstance(module, ImageRowsAttention) else out
 
 
 def time_it(fn, input_sets, iters, sync_each=False):
