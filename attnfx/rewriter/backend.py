@@ -68,7 +68,13 @@ class Backend:
         log.info("attnfx: graph %d: %d attention site(s), %d rewritten, in %.2fs; compiling with %s",
                  index, len(sites), rewritten, time.perf_counter() - start,
                  getattr(self.options.compiler, "__name__", self.options.compiler))
-        compiled = inner_compile(self.options, gm, example_inputs)
+        if self.options.cache_invariants:
+            from attnfx.runtime.invariants import InvariantCaching
+
+            compiled = InvariantCaching(gm, example_inputs, lambda g, ex: inner_compile(self.options, g, ex),
+                                        self.report.cached)
+        else:
+            compiled = inner_compile(self.options, gm, example_inputs)
         if self.options.verify and rewritten:
             return Verifier(fx.GraphModule(gm, captured), gm, compiled, sites, self.options, self.report)
         return compiled

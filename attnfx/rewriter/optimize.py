@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from attnfx.rewriter.backend import DEFAULT_REPORT, Backend
 from attnfx.rewriter.report import Report
+
+_BACKENDS: "weakref.WeakKeyDictionary[Any, Backend]" = weakref.WeakKeyDictionary()
 
 
 def optimize(
@@ -38,7 +41,9 @@ def optimize(
         raise TypeError(f"attnfx.optimize() takes an nn.Module or a callable, not {type(model).__name__}")
     backend = Backend(dict(compiler=compiler, patterns=patterns, verify=verify, **options))
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
-    compiled._attnfx_backend = backend
+    # not an attribute: OptimizedModule forwards attribute writes to the wrapped model, so a second
+    # optimize() of the same model would overwrite the first one's
+    _BACKENDS[compiled] = backend
     return compiled
 
 
@@ -51,8 +56,11 @@ def report(obj: Any = None) -> Report:
         return DEFAULT_REPORT
     if isinstance(obj, Backend):
         return obj.report
-    backend = getattr(obj, "_attnfx_backend", None)
-    if not isinstance(backend, Backend):
+    try:
+        backend = _BACKENDS.get(obj)
+    except TypeError:  # unhashable
+        backend = None
+    if backend is None:
         raise TypeError(
             "attnfx.report() takes a model returned by attnfx.optimize() or an attnfx.Backend; for "
             "torch.compile(model, backend='attnfx') call attnfx.report() with no argument")

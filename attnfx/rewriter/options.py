@@ -32,6 +32,7 @@ class Options:
     atol: float | None = None
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
     kernel: str | None = None  # force the kernel of structured (mask_structure) sites, e.g. "varlen.reference"
+    cache_invariants: bool = True  # compute once what every call recomputes from unchanged inputs
     # raise attnfx's own internal errors instead of compiling the graph unchanged (default: $ATTNFX_STRICT=1)
     strict: bool = field(default_factory=lambda: os.environ.get("ATTNFX_STRICT", "") == "1")
 
@@ -54,7 +55,7 @@ class Options:
             v = merged.get(name)
             if v is not None and not (isinstance(v, (int, float)) and v >= 0):
                 raise OptionsError(f"{name} must be a non-negative number, not {v!r}")
-        for name in ("verify", "strict"):
+        for name in ("verify", "strict", "cache_invariants"):
             if not isinstance(merged.get(name, False), bool):
                 raise OptionsError(f"{name} must be True or False, not {merged[name]!r}")
         kernel = merged.get("kernel")

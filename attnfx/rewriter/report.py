@@ -97,6 +97,7 @@ class Report:
         self._sites: dict[tuple, SiteRecord] = {}
         self.graphs = 0
         self.verified: bool | None = None
+        self.cached: list = []  # attnfx.runtime.invariants.Group: values computed once per distinct input
 
     def add_graph(self, records: list[SiteRecord]) -> None:
         self.graphs += 1
@@ -125,6 +126,8 @@ class Report:
             "rewritten": sum(s.rewritten for s in sites),
             "graphs": self.graphs,
             "savings": saved,
+            "cached_groups": len(self.cached),
+            "cached_bytes": sum(g.nbytes for g in self.cached),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +139,7 @@ class Report:
             "summary": self.summary(),
             "verified": self.verified,
             "sites": [s.to_dict() for s in self.sites],
+            "cached": [g.describe() for g in self.cached],
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -162,7 +166,14 @@ class Report:
             tail += "; per call: " + _fmt_savings(summ["savings"])
         if self.verified:
             tail += "; verified against the original"
-        return "\n".join(lines + ["", tail])
+        out = lines + ["", tail]
+        if self.cached:
+            out += ["", f"cached invariants ({len(self.cached)} group(s), {_fmt_bytes(summ['cached_bytes'])} held):"]
+            for g in self.cached:
+                d = g.describe()
+                out.append(f"  {d['computes']}  [{d['found']}; {d['ops_saved_per_hit']} ops saved per hit; "
+                           f"computed {d['computed']}x, reused {d['hits']}x]")
+        return "\n".join(out)
 
     def __repr__(self) -> str:
         s = self.summary()

@@ -1,0 +1,290 @@
+"""Per-step invariant caching: what every call recomputes identically is computed once per distinct input.
+
+Denoising loops call the model 20-50 times with mostly the same inputs — only latents and timestep
+change — and models rebuild, every call, RoPE tables from ids, text projections, mask conversions,
+constants. A compiled graph is split:
+
+* every node gets its *dependency set*: the graph inputs (tensors and symbolic sizes) its value reads,
+  parameters and buffers left out (they are keyed on, never cut on);
+* a *cut* is a node whose value some user combines with further inputs (``q * rope_cos``, the table
+  computed from ids alone): its value can be computed apart and handed over;
+* cuts with the same dependency set form a *group*, computed by a small prefix graph; the remainder of
+  the graph takes the groups' values as extra inputs and goes to the inner compiler (Inductor) as usual;
+* a group's values come from the input cache (``attnfx.runtime.cache``) keyed on the identity of *all*
+  its inputs, parameters included (storage, offset, shape, stride, dtype, ``_version``) — computed on a
+  miss.
+
+Which inputs stay the same is found at run time, not from a hint:
+* at compile time, groups that read no tensor input (sizes, constants, parameters only) are cut — valid
+  for every call, also under dynamic shapes;
+* for graphs with static shapes, the tensor inputs that were the same tensor (or one of two alternating
+  tensors, as when CFG branches are called one by one) over the first four calls are taken as stable, and
+  a second remainder is compiled that also receives their groups; a group that then misses repeatedly
+  sends the calls back to the first remainder.
+
+Never cut: values reading an input the graph writes in place, values whose computation holds random ops
+or in-place writes, views of inputs (nothing to save). While gradients are recorded through a group's
+inputs it is computed, not cached. A cut value equals what the uncut graph computes: the same ops on the
+same inputs (bit-identical with the eager inner compiler; with Inductor, up to its fusion rounding). Not
+visible to the keys: writes through ``.data`` and by foreign kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from attnfx.patterns._static import RANDOM, closure
+from attnfx.rewriter.graph import fake, numel_hint, op_name
+from attnfx.rewriter.verify import mutated_inputs
+from attnfx.runtime.cache import InputCache, tensor_key
+
+log = logging.getLogger("attnfx")
+
+INVARIANTS = InputCache(max_entries=256, max_bytes=4 << 30)
+VARYING_AFTER = 3  # consecutive misses before a group counts as varying
+
+_VIEW_NAMES = {"getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "t",
+               "contiguous", "flatten", "narrow", "select", "to", "detach", "size", "dim", "float", "half",
+               "bfloat16", "type_as", "clone"}
+_PARAM_NAME = re.compile(r"_(parameters|buffers)_")
+_uids = itertools.count()
+
+
+@dataclass
+class Group:
+    """Cut values that read the same graph inputs."""
+
+    keys: tuple[int, ...]  # placeholder indices the cache key is made of (parameters included)
+    cuts: list[str]  # node names, in graph order
+    prefix: fx.GraphModule
+    ops: int  # compute ops the prefix runs: what a hit saves
+    nbytes: int  # bytes of the cut values at the traced shapes
+    what: str
+    phase: str  # "compile time" | "learned at run time"
+    uid: int = field(default_factory=lambda: next(_uids))
+    computed: int = 0
+    hits: int = 0
+    misses_in_a_row: int = 0
+
+    @property
+    def varying(self) -> bool:
+        return self.misses_in_a_row >= VARYING_AFTER
+
+    def describe(self) -> dict[str, Any]:
+        return {"computes": self.what, "values": len(self.cuts), "found": self.phase,
+                "ops_saved_per_hit": self.ops, "bytes_held": self.nbytes, "computed": self.computed,
+                "hits": self.hits}
+
+
+class Analysis:
+    """Dependency sets of a graph's nodes and the candidate cuts."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        self.gm = gm
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.params = {i for i, (p, ex) in enumerate(zip(self.placeholders, example_inputs))
+                       if isinstance(ex, torch.nn.Parameter) or _PARAM_NAME.search(p.name)}
+        self.tensor_inputs = {i for i, ex in enumerate(example_inputs) if isinstance(ex, torch.Tensor)}
+        self.mutated = mutated_inputs(gm.graph)
+        index = {n: i for i, n in enumerate(self.placeholders)}
+        self.deps: dict[fx.Node, frozenset[int]] = {}  # without parameters
+        self.all_deps: dict[fx.Node, frozenset[int]] = {}
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                self.all_deps[n] = frozenset((index[n],))
+            else:
+                acc: frozenset[int] = frozenset()
+                for a in n.all_input_nodes:
+                    acc |= self.all_deps[a]
+                self.all_deps[n] = acc
+            self.deps[n] = self.all_deps[n] - self.params
+        self.candidates = [n for n in gm.graph.nodes if self._cuttable(n)]
+
+    def _cuttable(self, n: fx.Node) -> bool:
+        if n.op not in ("call_function", "call_method") or _is_view_of_input(n):
+            return False
+        if not isinstance(fake(n), torch.Tensor) or self.all_deps[n] & self.mutated:
+            return False
+        if not any(u.op != "output" and self.deps[u] > self.deps[n] for u in n.users):
+            return False
+        region = closure(n, self.output)
+        return not any(_unsafe(r) for r in region) and _compute_ops(region) > 0
+
+    def groups(self, stable: set[int], phase: str) -> list[Group]:
+        """Groups of the candidate cuts whose tensor inputs (parameters aside) are all in ``stable``."""
+        chosen = [n for n in self.candidates if (self.deps[n] & self.tensor_inputs) <= stable]
+        by_deps: dict[frozenset[int], list[fx.Node]] = {}
+        for c in chosen:
+            by_deps.setdefault(self.deps[c], []).append(c)
+        return [self._group(cuts, phase) for cuts in by_deps.values()]
+
+    def _group(self, cuts: list[fx.Node], phase: str) -> Group:
+        needed: set[fx.Node] = set()
+        for c in cuts:
+            needed |= closure(c, self.output)
+        keys = sorted(i for i, p in enumerate(self.placeholders) if p in needed)
+        sub = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for i in keys:
+            p = self.placeholders[i]
+            env[p] = sub.placeholder(p.name)
+            env[p].meta = dict(p.meta)
+        order = list(self.gm.graph.nodes)
+        for n in order:
+            if n in needed and n.op != "placeholder":
+                env[n] = sub.node_copy(n, lambda x: env[x])
+        sub.output(tuple(env[c] for c in cuts))
+        nbytes = sum(numel_hint(fake(c)) * fake(c).element_size() for c in cuts)
+        body = [n for n in order if n in needed and n.op != "placeholder"]
+        return Group(tuple(keys), [c.name for c in cuts], fx.GraphModule(self.gm, sub), _compute_ops(body),
+                     nbytes, _describe(body), phase)
+
+    def remainder(self, groups: list[Group]) -> fx.GraphModule:
+        """The graph with every group's cut values taken as extra inputs, in group order."""
+        graph = copy.deepcopy(self.gm.graph)
+        nodes = {n.name: n for n in graph.nodes}
+        names = [c for g in groups for c in g.cuts]
+        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        for name in names:
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(f"attnfx_cached_{name}")
+            anchor.meta = dict(nodes[name].meta)
+            nodes[name].replace_all_uses_with(anchor)
+        for n in reversed(list(graph.nodes)):  # what only fed the cut values goes (pure ops only)
+            if n.op in ("call_function", "call_method") and not n.users and not _unsafe(n) and not n.is_impure():
+                graph.erase_node(n)
+        graph.lint()
+        return fx.GraphModule(self.gm, graph)
+
+
+def _is_view_of_input(n: fx.Node) -> bool:
+    while n.op in ("call_method", "call_function") and (op_name(n) or str(n.target)) in _VIEW_NAMES:
+        if not n.args or not isinstance(n.args[0], fx.Node):
+            return False
+        n = n.args[0]
+    return n.op in ("placeholder", "get_attr")
+
+
+def _name(n: fx.Node) -> str:
+    return op_name(n) or str(n.target if n.op == "call_method" else getattr(n.target, "__name__", n.target))
+
+
+def _compute_ops(nodes) -> int:
+    return sum(1 for n in nodes if n.op in ("call_function", "call_method") and _name(n) not in _VIEW_NAMES)
+
+
+def _describe(nodes) -> str:
+    names: list[str] = []
+    for n in nodes:
+        if n.op in ("call_function", "call_method") and _name(n) not in _VIEW_NAMES and _name(n) not in names:
+            names.append(_name(n))
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def _unsafe(n: fx.Node) -> bool:
+    """Random, in-place or opaque: never part of a cached value. (Placeholders are named ``L_x_``: not calls.)"""
+    if n.op == "call_module":
+        return True
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = _name(n)
+    return name in RANDOM or name.endswith("_") or n.target is operator.setitem or "out" in n.kwargs
+
+
+class Variant:
+    """A compiled remainder and the groups whose values it takes."""
+
+    def __init__(self, compiled: Callable, groups: list[Group]):
+        self.compiled, self.groups = compiled, groups
+
+    def __call__(self, args: Sequence[Any]):
+        extra: list = []
+        for g in self.groups:
+            extra.extend(_values(g, [args[i] for i in g.keys]))
+        return self.compiled(*args, *extra)
+
+
+def _values(g: Group, inputs: list) -> tuple:
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if g.varying or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _compute(g, inputs)
+    before = g.computed
+    vals = INVARIANTS.get_or_compute(g.uid, tensors, [i for i in inputs if not isinstance(i, torch.Tensor)],
+                                     lambda: _compute(g, inputs),
+                                     nbytes=lambda vs: sum(v.numel() * v.element_size() for v in vs))
+    if g.computed == before:
+        g.hits += 1
+        g.misses_in_a_row = 0
+    else:
+        g.misses_in_a_row += 1
+    return vals
+
+
+def _compute(g: Group, inputs: list) -> tuple:
+    g.computed += 1
+    return tuple(g.prefix(*inputs))
+
+
+class InvariantCaching:
+    """The callable the backend returns: feeds the compiled remainder with cached invariant values, and
+    learns over the first calls which tensor inputs stay the same."""
+
+    LEARN_CALLS = 4  # an input seen as at most LEARN_CALLS // 2 distinct tensors counts as stable
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Callable,
+                 report_groups: list):
+        self.analysis = Analysis(gm, example_inputs)
+        self.compile_fn = compile_fn
+        self.report_groups = report_groups
+        groups = self.analysis.groups(set(), "compile time")
+        self.base = self._variant(groups, example_inputs, fake_extras=True)
+        self.current = self.base
+        static = not any(isinstance(x, torch.SymInt) for x in example_inputs)
+        learnable = {i for n in self.analysis.candidates for i in self.analysis.deps[n] & self.analysis.tensor_inputs}
+        self.learning = static and bool(learnable)
+        self.seen: list[dict[int, tuple]] = []
+
+    def _variant(self, groups: list[Group], inputs: Sequence[Any], fake_extras: bool) -> Variant:
+        if not groups:
+            return Variant(self.compile_fn(self.analysis.gm, list(inputs)), [])
+        remainder = self.analysis.remainder(groups)
+        if fake_extras:
+            extras = [fake(n) for n in remainder.graph.nodes if n.name.startswith("attnfx_cached_")]
+        else:
+            extras = [v for g in groups for v in _values(g, [inputs[i] for i in g.keys])]
+        self.report_groups.extend(g for g in groups if g not in self.report_groups)
+        return Variant(self.compile_fn(remainder, list(inputs) + extras), groups)
+
+    def __call__(self, *args):
+        if self.learning:
+            self._learn(args)
+        elif self.current is not self.base and any(g.varying for g in self.current.groups):
+            log.info("attnfx: an input taken as stable changes at every call; back to the compile-time split")
+            self.current = self.base
+        return self.current(args)
+
+    def _learn(self, args) -> None:
+        self.seen.append({i: tensor_key(args[i])[0] for i in self.analysis.tensor_inputs - self.analysis.params})
+        if len(self.seen) < self.LEARN_CALLS:
+            return
+        self.learning = False
+        # stable: the same tensor each call, or a few alternating ones (CFG branches called one by one)
+        stable = {i for i in self.seen[0] if len({s[i] for s in self.seen}) <= self.LEARN_CALLS // 2}
+        stable |= self.analysis.params
+        known = {c for g in self.base.groups for c in g.cuts}
+        groups = [g for g in self.analysis.groups(stable, "learned at run time") if not set(g.cuts) & known]
+        if not groups:
+            return
+        log.info("attnfx: %d group(s) of values read only stable inputs; compiling the graph that takes them",
+                 len(groups))
+        self.current = self._variant(self.base.groups + groups, args, fake_extras=False)
