@@ -12,8 +12,9 @@ from attnfx.rewriter.optimize import optimize, report  # noqa: E402
 from attnfx.rewriter.options import Options, OptionsError  # noqa: E402
 from attnfx.rewriter.report import Report, SiteRecord  # noqa: E402
 from attnfx.rewriter.verify import VerificationError  # noqa: E402
+from attnfx.runtime.steps import denoise_step, reset_steps  # noqa: E402
 
 __all__ = [
     "Backend", "Options", "OptionsError", "Report", "SiteRecord", "VerificationError",
-    "attnfx_backend", "optimize", "report", "__version__",
+    "attnfx_backend", "denoise_step", "optimize", "report", "reset_steps", "__version__",
 ]

@@ -37,6 +37,7 @@ def rope(ids: torch.Tensor, dim: int, theta: float = 10000.0):
 
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -96,8 +97,8 @@ class DiT(nn.Module):
         pad = torch.zeros_like(latents[:, : self.registers])  # register tokens, zero-initialised every step
         x = self.proj_in(torch.cat([pad, latents], dim=1))
         g = torch.tensor(guidance, device=latents.device) * 1000
-        emb = self.time_mlp(timestep_embedding(timestep * 1000, self.dim))
-        emb = emb + self.guidance_mlp(timestep_embedding(g.expand(timestep.shape[0]), self.dim))
+        emb = self.time_mlp(timestep_embedding(timestep * 1000, self.dim).to(x.dtype))
+        emb = emb + self.guidance_mlp(timestep_embedding(g.expand(timestep.shape[0]), self.dim).to(x.dtype))
         ids = torch.cat([torch.zeros(self.registers, img_ids.shape[1], dtype=img_ids.dtype,
                                      device=img_ids.device), img_ids])
         cos, sin = rope(ids, self.dim // self.heads)  # rebuilt every step

@@ -45,13 +45,14 @@ class Backend:
                  **more: Any):
         self.options = options if isinstance(options, Options) else Options.from_mapping(options, **more)
         self.report = report if report is not None else Report()
+        self.layers: dict = {}  # attention site -> layer index, across this backend's graphs
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         index = self.report.graphs
         captured = copy.deepcopy(gm.graph)
         start = time.perf_counter()
         try:
-            sites = run_passes(gm, self.options, index)
+            sites = run_passes(gm, self.options, index, self.layers)
         except Exception as exc:
             if self.options.strict:
                 raise

@@ -33,6 +33,22 @@ class Options:
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
     kernel: str | None = None  # force the kernel of structured (mask_structure) sites, e.g. "varlen.reference"
     cache_invariants: bool = True  # compute once what every call recomputes from unchanged inputs
+    npu: bool = False  # run SDPA sites on Ascend's fused infer attention (needs torch_npu)
+    npu_fp8: bool = False  # ... with online FP8 (implies npu)
+    skip_steps: str = ""  # "0-2,4": denoising steps that stay in native precision
+    skip_layers: str = ""  # "0,31": attention layers (site index in the model) that stay in native precision
+
+    @property
+    def skip_steps_set(self) -> frozenset[int]:
+        from attnfx.runtime.steps import parse_selector
+
+        return parse_selector(self.skip_steps, "skip_steps")
+
+    @property
+    def skip_layers_set(self) -> frozenset[int]:
+        from attnfx.runtime.steps import parse_selector
+
+        return parse_selector(self.skip_layers, "skip_layers")
     # raise attnfx's own internal errors instead of compiling the graph unchanged (default: $ATTNFX_STRICT=1)
     strict: bool = field(default_factory=lambda: os.environ.get("ATTNFX_STRICT", "") == "1")
 
@@ -55,7 +71,15 @@ class Options:
             v = merged.get(name)
             if v is not None and not (isinstance(v, (int, float)) and v >= 0):
                 raise OptionsError(f"{name} must be a non-negative number, not {v!r}")
-        for name in ("verify", "strict", "cache_invariants"):
+        for name in ("skip_steps", "skip_layers"):
+            from attnfx.runtime.steps import parse_selector
+
+            try:
+                parse_selector(merged.get(name, ""), name)
+            except ValueError as e:
+                raise OptionsError(str(e)) from None
+            merged[name] = merged.get(name) or ""
+        for name in ("verify", "strict", "cache_invariants", "npu", "npu_fp8"):
             if not isinstance(merged.get(name, False), bool):
                 raise OptionsError(f"{name} must be True or False, not {merged[name]!r}")
         kernel = merged.get("kernel")
@@ -69,6 +93,13 @@ class Options:
         if not isinstance(cfg, Mapping):
             raise OptionsError("inductor_config must be a dict of torch._inductor.config settings")
         merged["inductor_config"] = dict(cfg)
+        if merged.get("npu") or merged.get("npu_fp8"):
+            from attnfx.backends.npu import NpuUnavailable, load
+
+            try:
+                load()
+            except NpuUnavailable as e:
+                raise OptionsError(f"an NPU target was requested but {e}") from None
         return cls(**merged)
 
     def tolerance(self, dtype: torch.dtype) -> tuple[float, float]:

@@ -24,11 +24,19 @@ class PassContext:
     options: Options
     graph_index: int
     uid: int = field(default_factory=lambda: next(_uids))  # unique in the process, unlike graph_index
+    layers: dict = field(default_factory=dict)  # site key -> layer index, shared by a backend's graphs
+
+    def layer_index(self, record) -> int:
+        """The attention site's index in the model, stable across recompilations (first seen, first numbered)."""
+        key = record.key[:3]
+        if key not in self.layers:
+            self.layers[key] = len(self.layers)
+        return self.layers[key]
 
 
-def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0) -> list[Site]:
+def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0, layers: dict | None = None) -> list[Site]:
     """Rewrite ``gm`` in place. Returns every attention site found, each with its record."""
-    ctx = PassContext(gm, options, graph_index)
+    ctx = PassContext(gm, options, graph_index, layers=layers if layers is not None else {})
     sites = find_sites(gm, graph_index)
     for pattern in ORDER:
         if pattern.NAME not in options.patterns:
