@@ -140,3 +140,53 @@ def test_inductor_takes_the_cached_values_as_inputs():
         e = dit.denoise(m, *dit.inputs(), steps=8)
     torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     assert len(attnfx.report(opt).cached) == 3
+
+
+def test_diffusers_flux_transformer_loop():
+    """A model nobody here wrote: diffusers' FluxTransformer2DModel rebuilds RoPE from txt/img ids, the context
+    embedding and the guidance embedding at every call."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    txt = torch.randn(1, 6, 32)
+    pooled = torch.randn(1, 32)
+    txt_ids = torch.zeros(6, 3)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
+                          -1).reshape(-1, 3)
+    guidance = torch.full((1,), 3.5)
+    cached = attnfx.optimize(model, compiler="eager")
+    uncached = attnfx.optimize(model, compiler="eager", cache_invariants=False)
+
+    def loop(m):
+        x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(1))
+        for i in range(6):
+            t = torch.full((1,), 1.0 - i / 6)
+            x = x - m(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                      img_ids=img_ids, txt_ids=txt_ids, guidance=guidance).sample / 6
+        return x
+
+    with torch.no_grad():
+        a, b, e = loop(cached), loop(uncached), loop(model)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    found = attnfx.report(cached).cached
+    assert found and any("linear" in g.what for g in found) and any("cos" in g.what or "sin" in g.what for g in found)
+    assert all(g.computed == 1 for g in found)
+
+
+def test_an_input_written_in_place_is_never_cached():
+    """HunyuanImage3's static KV cache is written with index_copy_: nothing reading it may be cached."""
+    import hunyuan_image3 as hy
+
+    attn, original = hy.make(hy.SMALL), hy.make(hy.SMALL)
+    opt = attnfx.optimize(attn, compiler="eager")
+    with torch.no_grad():
+        expected = hy.denoise(original, 20, 64, steps=5)
+        actual = hy.denoise(opt, 20, 64, steps=5)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    analysis_inputs = [p for g in attnfx.report(opt).cached for p in g.prefix.graph.nodes if p.op == "placeholder"]
+    assert not any("cache" in p.name for p in analysis_inputs)
