@@ -236,7 +236,6 @@ def dense_ceiling(iters):
     g = torch.Generator(device=DEV).manual_seed(0)
     q, k, v = (torch.randn(1, 32, 8192, 128, device=DEV, dtype=DT, generator=g) for _ in range(3))
     ms = time_it(lambda: F.scaled_dot_product_attention(q, k, v), [()], iters)
-    del q, k, v
     return 4 * 128 * 32 * 8192 * 8192 / (ms * 1e-3) / 1e12, ms
 
 

@@ -157,7 +157,7 @@ def apis(dev) -> dict:
     except Exception as e:
         info["_flash_attention_forward_gqa"] = "error: " + str(e).splitlines()[0][:200]
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention
 
         info["flex_attention"] = str(inspect.signature(flex_attention))
     except Exception as e:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import attnfx
-from attnfx.runtime import invariants
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import dit_loop as dit  # noqa: E402

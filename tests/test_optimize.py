@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import assert_same
 
 import attnfx
-from attnfx.rewriter.graph import op_name, sdpa_args
+from attnfx.rewriter.graph import op_name
 from attnfx.rewriter.site import Outcome
 
 
@@ -117,7 +117,6 @@ def _broken_pattern():
     def rewrite(site, ctx):
         if op_name(site.node) != "sdpa":
             return None
-        args = sdpa_args(site.node)
         site.node.kwargs = {**site.node.kwargs, "scale": 2.0}
         return Outcome(rewritten=True, target="broken")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attnfx.backends import capabilities, reference, varlen
-from attnfx.masks import BlockDiagonal, Causal, General, MaskStructure, NoMask, Padding, Segment
+from attnfx.masks import BlockDiagonal, Causal, General, MaskStructure, Padding, Segment
 
 FILLS = ("zero", "nan", "mean_v", "unmasked")
 MAX_SPLIT = 16  # more segments than this: one varlen launch beats many small SDPA calls

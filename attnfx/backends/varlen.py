@@ -30,7 +30,6 @@ def _torch_varlen_params() -> frozenset[str] | None:
 
 def _flash_attn():
     try:
-        import flash_attn  # noqa: F401
         from flash_attn import flash_attn_varlen_func
     except Exception:
         return None

@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import fake
+from attnfx.rewriter.graph import call_name, fake
 
 RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
           "multinomial", "dropout", "uniform_", "normal_", "randperm"}
@@ -22,13 +22,11 @@ _VIEWS = {"getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "sq
 
 
 def _mutates(n: fx.Node) -> bool:
-    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-    return n.target is operator.setitem or str(name).endswith("_") or "out" in n.kwargs
+    return n.target is operator.setitem or call_name(n).endswith("_") or "out" in n.kwargs
 
 
 def _is_view(n: fx.Node) -> bool:
-    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-    return str(name) in _VIEWS
+    return call_name(n) in _VIEWS
 
 
 def closure(mask: fx.Node, consumer: fx.Node) -> set[fx.Node]:
@@ -76,9 +74,8 @@ def dependencies(mask: fx.Node, consumer: fx.Node) -> tuple[list[fx.Node], list[
             elif isinstance(val, torch.Tensor) or n.op == "get_attr":
                 tensors.append(n)
             continue
-        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-        if str(name) in RANDOM:
-            return [], [], f"the mask is computed with a random op ({name})"
+        if call_name(n) in RANDOM:
+            return [], [], f"the mask is computed with a random op ({call_name(n)})"
     return tensors, ints, None
 
 

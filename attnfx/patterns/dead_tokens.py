@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from attnfx.patterns._static import dependencies, evaluate
-from attnfx.rewriter.graph import SDPA_ARGS, arg, emit, fake, hint, known_eq, op_name, sdpa_args
+from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
 
 NAME = "dead_tokens"
@@ -59,10 +59,6 @@ class Live:
     @staticmethod
     def every(why: str) -> "Live":
         return Live(None, None, why)
-
-
-def _name(n: fx.Node) -> str:
-    return op_name(n) or (n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target)))
 
 
 def _hull(a: Live | None, b: Live) -> Live:
@@ -101,7 +97,7 @@ def _static_value(n: Any, consumer: fx.Node):
 def _use(user: fx.Node, src: fx.Node, axis: int, length: int, seen: dict) -> Live:
     if user.op == "output":
         return Live.every("the output is returned whole")
-    name = _name(user)
+    name = call_name(user)
     out = fake(user)
     src_t = fake(src)
     if not isinstance(src_t, torch.Tensor):

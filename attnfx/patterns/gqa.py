@@ -39,7 +39,7 @@ import torch.fx as fx
 
 from attnfx.backends import capabilities
 from attnfx.backends import sdpa as sdpa_backend
-from attnfx.patterns._layout import Atom, trace
+from attnfx.patterns._layout import trace
 from attnfx.rewriter.graph import emit, fake, known_eq, numel_hint, op_name, sdpa_args, set_sdpa_args
 from attnfx.rewriter.site import Outcome, Site
 

@@ -36,7 +36,7 @@ from attnfx.backends import capabilities, execute
 from attnfx.backends import sdpa as sdpa_backend
 from attnfx.masks import Analysis, classify
 from attnfx.patterns._static import dependencies, evaluate
-from attnfx.rewriter.graph import SDPA, fake, op_name, sdpa_args
+from attnfx.rewriter.graph import fake, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
 from attnfx.runtime import ops
 

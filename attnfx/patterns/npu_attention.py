@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 
 from attnfx.masks import allowed_of
 from attnfx.rewriter.graph import fake, op_name, sdpa_args
@@ -89,7 +87,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         return None
     node = site.node
     args = sdpa_args(node)
-    q, k = fake(args["query"]), fake(args["key"])
+    q = fake(args["query"])
     if q.dim() != 4:
         return Outcome.refuse("the NPU op takes 4-D (batch, heads, seq, dim) inputs here")
     if any(fake(args[n]).requires_grad for n in ("query", "key", "value")):

@@ -8,7 +8,6 @@ import logging
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
 import torch.fx as fx
 
 from attnfx.rewriter.options import Options

@@ -9,6 +9,7 @@ sizes); new nodes get one too, so later passes can read shapes the same way.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import re
@@ -79,6 +80,13 @@ def op_name(node: fx.Node) -> str | None:
     if node.op == "call_function":
         return _FUNCTION_OPS.get(node.target)
     return None
+
+
+def call_name(node: fx.Node) -> str:
+    """The name of what a node calls, normalised where known (``op_name``), raw otherwise ("" for non-calls)."""
+    if node.op not in ("call_function", "call_method"):
+        return ""
+    return op_name(node) or str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target))
 
 
 def fake(node: Any) -> Any:
@@ -190,7 +198,7 @@ def emit(
     fkwargs = torch.fx.node.map_aggregate(kwargs, _to_fake)
     mode = fake_mode_of(graph)
     try:
-        with mode if mode is not None else _nullcontext():
+        with mode if mode is not None else contextlib.nullcontext():
             if op == "call_method":
                 value = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
             else:
@@ -200,14 +208,6 @@ def emit(
         raise RewriteError(f"could not build {target} for the rewrite: {exc}") from exc
     node.meta["example_value"] = value
     return node
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class RewriteError(RuntimeError):

@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from attnfx.patterns._static import RANDOM, closure
-from attnfx.rewriter.graph import fake, numel_hint, op_name
+from attnfx.rewriter.graph import call_name, fake, numel_hint
 from attnfx.rewriter.verify import mutated_inputs
 from attnfx.runtime.cache import InputCache, tensor_key
 
@@ -168,26 +168,22 @@ class Analysis:
 
 
 def _is_view_of_input(n: fx.Node) -> bool:
-    while n.op in ("call_method", "call_function") and (op_name(n) or str(n.target)) in _VIEW_NAMES:
+    while n.op in ("call_method", "call_function") and call_name(n) in _VIEW_NAMES:
         if not n.args or not isinstance(n.args[0], fx.Node):
             return False
         n = n.args[0]
     return n.op in ("placeholder", "get_attr")
 
 
-def _name(n: fx.Node) -> str:
-    return op_name(n) or str(n.target if n.op == "call_method" else getattr(n.target, "__name__", n.target))
-
-
 def _compute_ops(nodes) -> int:
-    return sum(1 for n in nodes if n.op in ("call_function", "call_method") and _name(n) not in _VIEW_NAMES)
+    return sum(1 for n in nodes if n.op in ("call_function", "call_method") and call_name(n) not in _VIEW_NAMES)
 
 
 def _describe(nodes) -> str:
     names: list[str] = []
     for n in nodes:
-        if n.op in ("call_function", "call_method") and _name(n) not in _VIEW_NAMES and _name(n) not in names:
-            names.append(_name(n))
+        if n.op in ("call_function", "call_method") and call_name(n) not in _VIEW_NAMES and call_name(n) not in names:
+            names.append(call_name(n))
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
 
 
@@ -197,7 +193,7 @@ def _unsafe(n: fx.Node) -> bool:
         return True
     if n.op not in ("call_function", "call_method"):
         return False
-    name = _name(n)
+    name = call_name(n)
     return name in RANDOM or name.endswith("_") or n.target is operator.setitem or "out" in n.kwargs
 
 
