@@ -75,8 +75,8 @@ def structure_cases(dev):
 
     from attnfx.backends import varlen
 
-    kernels = [None, "sdpa.split"] + [f"varlen.{i}" for i in varlen.implementations(dev, torch.bfloat16)
-                                      if i != "reference"]
+    kernels = [None, "autotune", "sdpa.split", "flex"] + [f"varlen.{i}" for i in varlen.implementations(
+        dev, torch.bfloat16) if i != "reference"]
     for name, (structure, batch, q_len, kv_len) in sorted(STRUCTURES.items()):
         for kernel in kernels:
             for spelling in ("bool", "finfo.min"):
@@ -94,7 +94,7 @@ def structure_cases(dev):
                         return F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1),
                                                               v.repeat_interleave(4, 1), attn_mask=m)
 
-                    opts = {"kernel": kernel} if kernel else {}
+                    opts = {"autotune": True} if kernel == "autotune" else {"kernel": kernel} if kernel else {}
                     opt = attnfx.optimize(attn, compiler="eager", verify=True, rtol=3e-2, atol=3e-2, **opts)
                     out, ref = opt(q, k, v, mask), attn(q, k, v, mask)
                     torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2, equal_nan=True)

@@ -332,3 +332,52 @@ def test_opcheck_structured_attention():
     mask = structure.materialize(q_len, kv_len)
     args = (q, k, v, mask, [mask], [], site, None, True)
     torch.library.opcheck(torch.ops.attnfx.structured_attention.default, args)
+
+
+# ------------------------------------------------------------------------------ FlexAttention, autotune
+
+
+@pytest.mark.parametrize("name", ["padding_right", "padding_left_causal", "row_groups_hunyuan_step2", "block_diagonal"])
+def test_flex_kernel(name):
+    structure, batch, q_len, kv_len = STRUCTURES[name]
+    q, k, v = qkv(batch, q_len, kv_len)
+    mask = structure.materialize(q_len, kv_len).expand(batch, 1, q_len, kv_len)
+    c = Compiled(gqa_sdpa, kernel="flex")
+    assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
+    assert c.sites[0].details["mask"]["kernel"] == "flex"
+
+
+def test_flex_for_a_mask_without_structure():
+    q, k, v = qkv(2, 8, 8)
+    mask = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.5
+    mask[..., 0] = True
+    c = Compiled(gqa_sdpa, kernel="flex")
+    assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
+    detail = c.sites[0].details["mask"]
+    assert detail["kind"] == "general" and detail["kernel"] == "flex"
+
+
+def test_autotune_times_the_exact_candidates_and_keeps_the_fastest():
+    structure, batch, q_len, kv_len = STRUCTURES["row_groups_hunyuan_step1"]
+    q, k, v = qkv(batch, q_len, kv_len)
+    mask = structure.materialize(q_len, kv_len)
+    c = Compiled(gqa_sdpa, autotune=True)
+    assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
+    detail = c.sites[0].details["mask"]
+    assert detail["why"].startswith("autotuned: ")
+    timed = detail["why"][len("autotuned: "):].split(", ")
+    assert {t.split(" ")[0] for t in timed} == {"dense", "sdpa.split", "flex"}  # the candidates on CPU
+    assert detail["kernel"] == timed[0].split(" ")[0].replace("dense", "sdpa (dense mask kept)")
+    assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))  # the chosen kernel stays exact
+
+
+def test_autotune_on_a_constant_mask_plans_it_once():
+    q, k, v = qkv(1, 9, 9)
+
+    def attn(q, k, v):
+        return gqa_sdpa(q, k, v, hunyuan_step1_mask(4, 3))
+
+    c = Compiled(attn, autotune=True)
+    for _ in range(3):
+        assert_same(c(q, k, v), attn(q, k, v))
+    assert c.sites[0].details["mask"]["why"].startswith("autotuned")

@@ -52,6 +52,22 @@ def choose_kernel(structure: MaskStructure, batch: int, q_len: int, kv_len: int,
     return None, f"{n} segments and no varlen kernel on {device.type}/{dtype}: the dense mask is kept"
 
 
+def candidates(structure: MaskStructure, batch: int, q_len: int, kv_len: int, device: torch.device,
+               dtype: torch.dtype, head_dim: int, fill: str | None) -> list[str | None]:
+    """Every kernel that computes this structure exactly here (None: the dense masked SDPA), for autotuning."""
+    out: list[str | None] = [None]
+    ok = lambda k: capabilities.supports(k, device=device.type, dtype=dtype, head_dim=head_dim) is None  # noqa: E731
+    if not isinstance(structure, General) and not (isinstance(structure, Causal) and structure.window):
+        n = len(structure.segments(q_len, kv_len))
+        if n <= MAX_SPLIT:
+            out.append("sdpa.split")
+        out += [f"varlen.{i}" for i in varlen.implementations(device, dtype)
+                if i != "reference" and ok(f"varlen.{i}") and fill != "unmasked"]
+    if fill in (None, "zero") and ok("flex") and hasattr(torch.nn.attention, "flex_attention"):
+        out.append("flex")
+    return out
+
+
 @dataclass
 class _Call:
     q: torch.Tensor

@@ -89,7 +89,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     forced = ctx.options.kernel
     call_args = (args["query"], args["key"], args["value"])
 
-    if not tensors and not ints:
+    if not tensors and not ints and forced != "flex" and not ctx.options.autotune:
         analysis = classify(evaluate(mask, node), q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2])
         if analysis is None:
             return Outcome.refuse("the mask holds values other than 0 and -inf/finfo.min: an additive bias")
@@ -113,7 +113,8 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         def on_plan(plan, record=record):
             record.details["mask"] = {"analysis": "runtime", **ops.describe(plan)}
 
-        sid = ops.register(ops.SiteRuntime(namespace, no_key_rows, forced, on_plan))
+        sid = ops.register(ops.SiteRuntime(namespace, no_key_rows, forced_kernel=forced, on_plan=on_plan,
+                                           autotune=ctx.options.autotune))
         target = torch.ops.attnfx.structured_attention.default
         new_args = (*call_args, mask, tensors, ints, sid, args["scale"], bool(args["enable_gqa"]))
         new_kwargs = {}

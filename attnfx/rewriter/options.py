@@ -32,6 +32,7 @@ class Options:
     atol: float | None = None
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
     kernel: str | None = None  # force the kernel of structured (mask_structure) sites, e.g. "varlen.reference"
+    autotune: bool = False  # time the exact kernels for each distinct mask once, keep the fastest
     cache_invariants: bool = True  # compute once what every call recomputes from unchanged inputs
     npu: bool = False  # run SDPA sites on Ascend's fused infer attention (needs torch_npu)
     npu_fp8: bool = False  # ... with online FP8 (implies npu)
@@ -79,14 +80,14 @@ class Options:
             except ValueError as e:
                 raise OptionsError(str(e)) from None
             merged[name] = merged.get(name) or ""
-        for name in ("verify", "strict", "cache_invariants", "npu", "npu_fp8"):
+        for name in ("verify", "strict", "cache_invariants", "npu", "npu_fp8", "autotune"):
             if not isinstance(merged.get(name, False), bool):
                 raise OptionsError(f"{name} must be True or False, not {merged[name]!r}")
         kernel = merged.get("kernel")
         if kernel is not None:
             from attnfx.backends.capabilities import BY_NAME
 
-            structured = [n for n, k in BY_NAME.items() if k.family in ("execute", "varlen", "reference")]
+            structured = [n for n, k in BY_NAME.items() if k.family in ("execute", "varlen", "reference", "flex")]
             if kernel not in structured:
                 raise OptionsError(f"kernel must be one of {', '.join(structured)}, not {kernel!r}")
         cfg = merged.get("inductor_config", {}) or {}

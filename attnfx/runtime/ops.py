@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -35,6 +36,7 @@ class Plan:
     kernel: str | None  # None: the dense masked SDPA
     fill: str | None
     why: str
+    block_mask: Any = None  # for the flex kernel: derived from the mask once
 
 
 @dataclass
@@ -44,9 +46,12 @@ class SiteRuntime:
     namespace: tuple  # identifies the mask expression: sites sharing a mask node share plans
     no_key_rows: dict[str, str]  # what the original kernel gives on rows with no allowed key, per spelling
     forced_kernel: str | None = None
+    autotune: bool = False
     on_plan: Callable[[Plan], None] | None = None  # reports each new plan
     reported: Plan | None = None  # held, not an id(): a freed plan's id can be reused by the next one
     last: tuple | None = None  # (signature, plan) of the previous call: the common case, checked first
+    scale: float | None = None  # of the current call (autotune runs the candidates with it)
+    enable_gqa: bool = False
 
 
 _SITES: dict[int, SiteRuntime] = {}
@@ -59,7 +64,64 @@ def register(site: SiteRuntime) -> int:
     return sid
 
 
-def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints) -> Plan:
+def _flex_mask(analysis: Analysis, q_len: int, kv_len: int, device):
+    from attnfx.backends import flex
+
+    return flex.block_mask(analysis.structure.materialize(q_len, kv_len, device), q_len, kv_len)
+
+
+def _run(plan: Plan, q, k, v, mask, scale, enable_gqa):
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    if plan.kernel is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
+    if plan.kernel == "flex":
+        from attnfx.backends import flex
+
+        return flex.attention(q, k, v, plan.block_mask, scale=scale, enable_gqa=enable_gqa)
+    return execute.run(plan.analysis.structure, plan.kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
+                       fill=plan.fill or "zero")
+
+
+def _autotune(plan: Plan, q, k, v, mask, site) -> Plan:
+    """Time every exact candidate once on these inputs and keep the fastest (``autotune=True``)."""
+    a = plan.analysis
+    batch = q.shape[0] if q.dim() == 4 else 1
+    timings = {}
+    with torch.no_grad():
+        for kernel in execute.candidates(a.structure, batch, q.shape[-2], k.shape[-2], q.device, q.dtype,
+                                         q.shape[-1], plan.fill):
+            trial = Plan(a, kernel, plan.fill, "")
+            try:
+                if kernel == "flex":
+                    trial.block_mask = _flex_mask(a, q.shape[-2], k.shape[-2], q.device)
+                timings[kernel] = _time(lambda: _run(trial, q, k, v, mask, site.scale, site.enable_gqa), q.device)
+            except Exception as e:  # a candidate that does not run here is not a candidate
+                log.info("attnfx: autotune candidate %s failed: %s", kernel, e)
+    if not timings:
+        return plan
+    best = min(timings, key=timings.get)
+    why = "autotuned: " + ", ".join(f"{k or 'dense'} {t * 1e3:.3f} ms" for k, t in sorted(timings.items(), key=lambda x: x[1]))
+    return Plan(a, best, plan.fill, why)
+
+
+def _time(fn, device, reps: int = 5) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints, v=None) -> Plan:
     batch, heads, q_len, kv_len = q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2]
 
     def analyse() -> Plan:
@@ -74,7 +136,12 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints) -> Plan:
                                                   f"original kernel gives '{fill}' there: kept dense to match it")
         kernel, why = execute.choose_kernel(analysis.structure, batch, q_len, kv_len, q.device, q.dtype,
                                             q.shape[-1], site.forced_kernel)
-        return Plan(analysis, kernel, fill, why)
+        plan = Plan(analysis, kernel, fill, why)
+        if site.autotune and site.forced_kernel is None:
+            plan = _autotune(plan, q, k, v, mask, site)
+        if plan.kernel == "flex" and plan.block_mask is None:
+            plan.block_mask = _flex_mask(analysis, q_len, kv_len, q.device)
+        return plan
 
     # the same tensor objects at the same _version as on the previous call: the same plan, no key to build
     signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(int(i) for i in key_ints),
@@ -92,12 +159,8 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints) -> Plan:
 
 def _forward(q, k, v, mask, key_tensors, key_ints, site: int, scale, enable_gqa):
     rt = _SITES[site]
-    plan = plan_for(rt, q, k, mask, key_tensors, key_ints)
-    kw = {"enable_gqa": True} if enable_gqa else {}
-    if plan.kernel is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
-    return execute.run(plan.analysis.structure, plan.kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
-                       fill=plan.fill or "zero")
+    rt.scale, rt.enable_gqa = scale, enable_gqa
+    return _run(plan_for(rt, q, k, mask, key_tensors, key_ints, v), q, k, v, mask, scale, enable_gqa)
 
 
 @torch.library.custom_op("attnfx::structured_attention", mutates_args=())

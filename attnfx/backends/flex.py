@@ -1,0 +1,42 @@
+"""Adapter for FlexAttention: any dense mask, as a block-sparse mask derived from it.
+
+``create_block_mask`` scans the mask once per distinct mask (the plan caches the result) and the kernel
+skips key blocks no query of a query block may attend. Used for masks without exploitable structure
+(``General``), when forced or when ``autotune`` measures it faster than the dense masked SDPA. The
+kernel is compiled once per shape (torch.compile), as FlexAttention is meant to run. A query row with no
+allowed key gives 0 (FlexAttention's safe log-sum-exp), so flex is only used where the original gives 0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def block_mask(allowed: torch.Tensor, q_len: int, kv_len: int):
+    """A BlockMask standing for the bool mask ``allowed`` (batch or 1, 1, q_len, kv_len)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = allowed.expand(allowed.shape[0], 1, q_len, kv_len).contiguous()
+    per_batch = dense.shape[0] > 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return dense[b if per_batch else 0, 0, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, B=dense.shape[0] if per_batch else None, H=None, Q_LEN=q_len, KV_LEN=kv_len,
+                             device=allowed.device)
+
+
+def attention(q, k, v, mask, *, scale=None, enable_gqa=False):
+    """softmax(q kᵀ·scale, masked to the BlockMask ``mask``) v."""
+    fn = _compiled() if q.device.type == "cuda" else __import__(
+        "torch.nn.attention.flex_attention", fromlist=["flex_attention"]).flex_attention
+    return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
