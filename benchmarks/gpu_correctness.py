@@ -121,12 +121,16 @@ def _scaled(structure, f):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--filter", default="", help="comma-separated substrings: run only cases whose name has one")
     args = p.parse_args()
+    wanted = [w for w in args.filter.split(",") if w]
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     results, failures = [], 0
     for cases in (hf_cases(dev), gqa_cases(dev), structure_cases(dev)):
         for name, case in cases:
+            if wanted and not any(w in name for w in wanted):
+                continue
             torch._dynamo.reset()
             torch.manual_seed(0)
             try:

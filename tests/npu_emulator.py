@@ -48,9 +48,28 @@ def npu_fused_infer_attention_score_v2(query, key, value, *, atten_mask=None, ps
                       num_key_value_heads=num_key_value_heads, softmax_scale=softmax_scale, input_layout=input_layout,
                       sparse_mode=sparse_mode, query_quant_mode=query_quant_mode, key_quant_mode=key_quant_mode,
                       value_quant_mode=value_quant_mode, inner_precise=inner_precise, rest=rest))
+    if input_layout == "TND":
+        return _tnd(query, key, value, actual_seq_qlen, actual_seq_kvlen, num_query_heads, num_key_value_heads,
+                    softmax_scale, sparse_mode, atten_mask)
     return _attention(query, key, value, atten_mask, pse_shift, actual_seq_kvlen, dequant_scale_query,
                       dequant_scale_key, dequant_scale_value, num_query_heads, num_key_value_heads, softmax_scale,
                       input_layout, sparse_mode, (query_quant_mode, key_quant_mode, value_quant_mode), inner_precise)
+
+
+def _tnd(query, key, value, cum_q, cum_k, n, nkv, scale, sparse_mode, atten_mask):
+    """TND: sequence i is rows cum_q[i-1]:cum_q[i] against keys cum_k[i-1]:cum_k[i] (cumulative lengths)."""
+    assert cum_q is not None and cum_k is not None and len(cum_q) == len(cum_k), "TND needs both cumulative lengths"
+    assert list(cum_q) == sorted(cum_q) and cum_q[-1] == query.shape[0] and cum_k[-1] == key.shape[0]
+    assert sparse_mode in (0, 3), f"emulator: TND with sparse_mode {sparse_mode}"
+    out = torch.empty(query.shape[0], n, value.shape[-1], dtype=query.dtype)
+    q0 = k0 = 0
+    for q1, k1 in zip(cum_q, cum_k):
+        o, _ = _attention(query[q0:q1].transpose(0, 1)[None], key[k0:k1].transpose(0, 1)[None],
+                          value[k0:k1].transpose(0, 1)[None], atten_mask, None, None, None, None, None, n, nkv, scale,
+                          "BNSD", sparse_mode, (0, 0, 0), 0)
+        out[q0:q1] = o[0].transpose(0, 1)
+        q0, k0 = q1, k1
+    return out, torch.zeros(1)
 
 
 def _attention(query, key, value, atten_mask, pse_shift, actual_seq_kvlen, dequant_scale_query, dequant_scale_key,

@@ -150,3 +150,35 @@ def test_legacy_op_when_v2_is_missing(monkeypatch):
     assert call["sparse_mode"] == 2 and call["num_key_value_heads"] == 2  # is_causal: top-left, optimized mask
     with pytest.raises(attnfx.OptionsError, match="unknown attnfx option"):
         attnfx.optimize(attn, npu_int8=True)
+
+
+@pytest.mark.parametrize("case", ["causal", "key_padding", "packed"])
+def test_mask_structures_reach_the_op_without_a_dense_mask(npu, case):
+    """The mask is analysed once: causal -> sparse_mode 2, key padding -> actual_seq_kvlen, packed block-diagonal
+    sequences -> TND with cumulative lengths."""
+    n, hkv, d = 4, 2, 16
+    if case == "packed":
+        q = torch.randn(1, n, 9, d, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, hkv, 12, d, dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.block_diag(torch.ones(3, 5), torch.ones(4, 4), torch.ones(2, 3)).bool()
+    else:
+        q, k, v = (torch.randn(2, h, 7, d, dtype=torch.bfloat16) for h in (n, hkv, hkv))
+        mask = torch.ones(7, 7, dtype=torch.bool).tril() if case == "causal" else torch.arange(7) < torch.tensor([[7], [4]])
+        mask = mask if case == "causal" else mask[:, None, None, :]
+
+    def attn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=m)
+
+    opt = attnfx.optimize(attn, compiler="eager", npu=True)
+    for _ in range(2):
+        torch.testing.assert_close(opt(q, k, v, mask).float(), attn(q, k, v, mask).float(), rtol=2e-2, atol=2e-2)
+    call = npu[-1]
+    if case == "causal":
+        assert call["sparse_mode"] == 2 and tuple(call["atten_mask"].shape) == (2048, 2048)
+    elif case == "key_padding":
+        assert call["atten_mask"] is None and call["actual_seq_kvlen"] == [7, 4]
+    else:
+        assert call["input_layout"] == "TND" and call["actual_seq_qlen"] == [3, 7, 9]
+        assert call["actual_seq_kvlen"] == [5, 9, 12] and call["atten_mask"] is None
+    detail = attnfx.report(opt).sites[0].details["npu"]
+    assert detail["mask"]["kind"] == {"causal": "causal", "key_padding": "padding", "packed": "block_diagonal"}[case]

@@ -81,16 +81,49 @@ class Call:
     sparse_mode: int
 
 
+def structured(structure, batch: int, q_len: int, kv_len: int) -> dict | None:
+    """How the op takes a mask structure without a dense mask: {"causal"} / {"kv_lengths"} / {"packed"}."""
+    from attnfx.masks import BlockDiagonal, Causal, Padding
+
+    if isinstance(structure, Causal) and structure.window is None and (structure.align == "top_left" or kv_len >= q_len):
+        return {"causal": structure.align}
+    if isinstance(structure, Padding) and structure.side == "right" and structure.causal is None and all(structure.lengths):
+        return {"kv_lengths": list(structure.lengths)}
+    if isinstance(structure, BlockDiagonal) and batch == 1 and all(structure.q_seqlens) and all(structure.kv_seqlens):
+        return {"packed": structure}
+    return None
+
+
+def _packed(mod, q, k, v, blocks, kwargs) -> tuple[torch.Tensor, Call]:
+    """Packed sequences of one batch row: TND layout, cumulative actual_seq_qlen / actual_seq_kvlen."""
+    cum = lambda xs: [sum(xs[:i + 1]) for i in range(len(xs))]  # noqa: E731
+    kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("atten_mask", "inner_precise")}
+    kwargs.update(input_layout="TND", actual_seq_qlen=cum(list(blocks.q_seqlens)),
+                  actual_seq_kvlen=cum(list(blocks.kv_seqlens)), sparse_mode=3 if blocks.causal else 0)
+    if blocks.causal:
+        kwargs["atten_mask"] = torch.ones(CAUSAL_MASK_SIZE, CAUSAL_MASK_SIZE, dtype=torch.bool, device=q.device).triu(1)
+    t = lambda x: x[0].transpose(0, 1).contiguous()  # noqa: E731  (1, N, T, D) -> (T, N, D)
+    out, _ = mod.npu_fused_infer_attention_score_v2(t(q), t(k), t(v), **kwargs)
+    return out.transpose(0, 1)[None], Call("npu_fused_infer_attention_score_v2", "TND", False, kwargs["sparse_mode"])
+
+
 def attention(q, k, v, *, allowed=None, bias=None, causal: str | None = None, scale: float | None = None,
-              fp8: bool = False) -> tuple[torch.Tensor, Call]:
+              fp8: bool = False, structure=None) -> tuple[torch.Tensor, Call]:
     """softmax(q kᵀ·scale + mask) v on the NPU op. q (B, N, Sq, D), k/v (B, Nkv, Sk, D); ``allowed`` is an
-    SDPA-polarity bool mask (True = attend), ``bias`` an additive float mask; causal top_left/bottom_right."""
+    SDPA-polarity bool mask (True = attend), ``bias`` an additive float mask; causal top_left/bottom_right;
+    ``structure`` (from ``attnfx.masks.classify``) lets the op skip the dense mask where it can."""
     mod = load()
+    plan = structured(structure, q.shape[0], q.shape[2], k.shape[2]) if structure is not None and bias is None else None
+    if plan is not None and "causal" in plan:
+        causal, allowed = plan["causal"], None
     b, n, sq, d = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     out_dtype = q.dtype
     kwargs = dict(num_query_heads=n, num_key_value_heads=nkv, input_layout="BNSD",
                   softmax_scale=float(scale if scale is not None else 1.0 / math.sqrt(d)))
+    if fp8 and causal == "bottom_right":  # padded to blocks, the op's bottom-right alignment would shift
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)[None, None]
+        causal = None
     sparse_mode = 0
     if causal is not None:
         sparse_mode = 2 if causal == "top_left" else 3
@@ -103,6 +136,13 @@ def attention(q, k, v, *, allowed=None, bias=None, causal: str | None = None, sc
         kwargs["pse_shift"] = bias.expand(bias.shape[0], n, sq, sk).to(out_dtype).contiguous()
     kwargs["sparse_mode"] = sparse_mode
     v2 = hasattr(mod, "npu_fused_infer_attention_score_v2")
+    if plan is not None and not fp8 and v2:
+        if "packed" in plan:
+            return _packed(mod, q.contiguous(), k.contiguous(), v.contiguous(), plan["packed"], kwargs)
+        if "kv_lengths" in plan:
+            kwargs.pop("atten_mask", None)
+            kwargs.pop("inner_precise", None)
+            kwargs["actual_seq_kvlen"] = plan["kv_lengths"]
     if fp8 and not v2:
         raise NpuUnavailable("FP8 attention needs npu_fused_infer_attention_score_v2")
     if fp8:
