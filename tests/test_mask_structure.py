@@ -381,3 +381,19 @@ def test_autotune_on_a_constant_mask_plans_it_once():
     for _ in range(3):
         assert_same(c(q, k, v), attn(q, k, v))
     assert c.sites[0].details["mask"]["why"].startswith("autotuned")
+
+
+def test_a_kernel_that_fails_at_run_time_falls_back_to_the_dense_mask(monkeypatch):
+    from attnfx.backends import flex
+
+    def broken(*a, **kw):
+        raise RuntimeError("cannot lower")
+
+    monkeypatch.setattr(flex, "attention", broken)
+    structure, batch, q_len, kv_len = STRUCTURES["padding_right"]
+    q, k, v = qkv(batch, q_len, kv_len)
+    mask = structure.materialize(q_len, kv_len).expand(batch, 1, q_len, kv_len)
+    c = Compiled(gqa_sdpa, kernel="flex")
+    assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
+    assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
+    assert "flex failed here (RuntimeError)" in c.sites[0].details["mask"]["why"]

@@ -48,7 +48,7 @@ class SiteRuntime:
     forced_kernel: str | None = None
     autotune: bool = False
     on_plan: Callable[[Plan], None] | None = None  # reports each new plan
-    reported: Plan | None = None  # held, not an id(): a freed plan's id can be reused by the next one
+    reported: tuple | None = None  # (plan, its kernel and why) last reported; the plan held, not an id()
     last: tuple | None = None  # (signature, plan) of the previous call: the common case, checked first
     scale: float | None = None  # of the current call (autotune runs the candidates with it)
     enable_gqa: bool = False
@@ -77,7 +77,14 @@ def _run(plan: Plan, q, k, v, mask, scale, enable_gqa):
     if plan.kernel == "flex":
         from attnfx.backends import flex
 
-        return flex.attention(q, k, v, plan.block_mask, scale=scale, enable_gqa=enable_gqa)
+        try:
+            return flex.attention(q, k, v, plan.block_mask, scale=scale, enable_gqa=enable_gqa)
+        except Exception as e:  # e.g. Inductor cannot lower it for this shape: the dense mask, exactly
+            log.warning("attnfx: FlexAttention failed for this mask (%s: %s); using the dense masked SDPA",
+                        type(e).__name__, str(e).splitlines()[0][:120])
+            plan.kernel, plan.block_mask = None, None
+            plan.why = f"flex failed here ({type(e).__name__}); the dense masked SDPA is used"
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
     return execute.run(plan.analysis.structure, plan.kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
                        fill=plan.fill or "zero")
 
@@ -151,16 +158,25 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints, v=None) -> Pl
     namespace = (*site.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse)
     site.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
-    if site.on_plan is not None and site.reported is not plan:
-        site.reported = plan
-        site.on_plan(plan)
+    _report(site, plan)
     return plan
+
+
+def _report(site: SiteRuntime, plan: Plan) -> None:
+    """Tell the site's record about a new plan, or a plan whose kernel changed (a run-time fallback)."""
+    now = (plan, plan.kernel, plan.why)
+    if site.on_plan is not None and (site.reported is None or any(a is not b for a, b in zip(site.reported, now))):
+        site.reported = now
+        site.on_plan(plan)
 
 
 def _forward(q, k, v, mask, key_tensors, key_ints, site: int, scale, enable_gqa):
     rt = _SITES[site]
     rt.scale, rt.enable_gqa = scale, enable_gqa
-    return _run(plan_for(rt, q, k, mask, key_tensors, key_ints, v), q, k, v, mask, scale, enable_gqa)
+    plan = plan_for(rt, q, k, mask, key_tensors, key_ints, v)
+    out = _run(plan, q, k, v, mask, scale, enable_gqa)
+    _report(rt, plan)
+    return out
 
 
 @torch.library.custom_op("attnfx::structured_attention", mutates_args=())
