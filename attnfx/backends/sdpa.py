@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnfx.backends import capabilities
 from attnfx.rewriter.graph import hint
 
 TARGET = "F.scaled_dot_product_attention"
@@ -101,16 +100,6 @@ def predict_kernel(x: SdpaInputs, *, enable_gqa: bool) -> str | None:
     if kernel == "sdpa.flash" and dev.type == "cpu":
         kernel = "sdpa.cpu_flash"
     return kernel
-
-
-def gqa_native(kernel: str | None) -> bool:
-    return kernel is not None and capabilities.kernel(kernel).gqa == "native"
-
-
-def cuda_arch(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(device)
 
 
 def describe_call(node) -> str:

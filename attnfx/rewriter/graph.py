@@ -294,19 +294,3 @@ def clean_module_path(path: str) -> str:
     path = _INDEX.sub(r".\1", path)
     path = path.replace("..", ".").strip(".")
     return path or "<root>"
-
-
-def users_by_op(node: fx.Node, names: Iterable[str]) -> list[fx.Node]:
-    wanted = set(names)
-    return [u for u in node.users if op_name(u) in wanted]
-
-
-def single_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def describe(node: Any) -> str:
-    if isinstance(node, fx.Node):
-        return node.name
-    return repr(node)
-
