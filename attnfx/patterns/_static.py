@@ -12,21 +12,13 @@ import operator
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import call_name, fake
+from attnfx.rewriter.graph import aliases_input, call_name, fake
 
 RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
           "multinomial", "dropout", "uniform_", "normal_", "randperm"}
 
-_VIEWS = {"getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow",
-          "select", "as_strided", "diagonal", "t", "flatten", "unflatten", "view_as", "expand_as", "contiguous"}
-
-
 def _mutates(n: fx.Node) -> bool:
     return n.target is operator.setitem or call_name(n).endswith("_") or "out" in n.kwargs
-
-
-def _is_view(n: fx.Node) -> bool:
-    return call_name(n) in _VIEWS
 
 
 def closure(mask: fx.Node, consumer: fx.Node) -> set[fx.Node]:
@@ -51,7 +43,7 @@ def closure(mask: fx.Node, consumer: fx.Node) -> set[fx.Node]:
             aliases, frontier = {n}, [n]
             while frontier:  # views of n share its memory
                 for u in frontier.pop().users:
-                    if _is_view(u) and u not in aliases:
+                    if aliases_input(u) and u not in aliases:
                         aliases.add(u)
                         frontier.append(u)
             for a in aliases:

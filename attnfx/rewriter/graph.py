@@ -89,6 +89,16 @@ def call_name(node: fx.Node) -> str:
     return op_name(node) or str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target))
 
 
+# ops whose result may share memory with their first operand: an in-place write through one changes the other
+ALIASING_OPS = frozenset({"getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+                          "narrow", "select", "as_strided", "diagonal", "t", "flatten", "unflatten", "view_as",
+                          "expand_as", "contiguous"})
+
+
+def aliases_input(node: fx.Node) -> bool:
+    return call_name(node) in ALIASING_OPS and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
 def fake(node: Any) -> Any:
     """The example value (FakeTensor, SymInt, python value) a node or constant stands for."""
     if isinstance(node, fx.Node):

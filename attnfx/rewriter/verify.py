@@ -11,15 +11,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import op_name
+from attnfx.rewriter.graph import aliases_input
 from attnfx.rewriter.options import Options
 from attnfx.rewriter.report import Report
 from attnfx.rewriter.site import Site
 
 log = logging.getLogger("attnfx")
-
-_VIEW_OPS = {"getitem", "reshape", "transpose", "permute", "unsqueeze", "flatten", "expand", "narrow", "select"}
-
 
 class VerificationError(AssertionError):
     """The rewritten graph's result differs from the original's beyond rounding."""
@@ -47,7 +44,7 @@ def mutated_inputs(graph: fx.Graph) -> set[int]:
         if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
             continue
         base = n.args[0]
-        while op_name(base) in _VIEW_OPS or (base.op == "call_method" and base.target in _VIEW_OPS):
+        while aliases_input(base):
             base = base.args[0]
         if base.op == "placeholder":
             out.add(placeholders.index(base))
