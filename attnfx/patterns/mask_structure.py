@@ -90,22 +90,15 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     call_args = (args["query"], args["key"], args["value"])
 
     if not tensors and not ints and forced != "flex" and not ctx.options.autotune:
-        analysis = classify(evaluate(mask, node), q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2])
-        if analysis is None:
-            return Outcome.refuse("the mask holds values other than 0 and -inf/finfo.min: an additive bias")
-        fill = None
-        if analysis.empty_rows:
-            fill = no_key_rows.get(analysis.spelling, "unknown")
-            if fill not in execute.FILLS:
-                return Outcome.refuse(f"{analysis.empty_rows} row(s) have no allowed key and the original kernel "
-                                      f"({original}) gives '{fill}' there", mask=_mask_detail(analysis, "static"))
-        kernel, why = execute.choose_kernel(analysis.structure, q.shape[0] if q.dim() == 4 else 1, q.shape[-2],
-                                            k.shape[-2], q.device, q.dtype, q.shape[-1], forced)
-        if kernel is None:
-            return Outcome.refuse(why, mask=_mask_detail(analysis, "static"))
-        target: Any = StaticPlan(analysis, kernel, fill)
+        batch = q.shape[0] if q.dim() == 4 else 1
+        analysis = classify(evaluate(mask, node), batch, q.shape[-3], q.shape[-2], k.shape[-2])
+        plan = ops.decide(analysis, no_key_rows, batch, q.shape[-2], k.shape[-2], q.device, q.dtype, q.shape[-1],
+                          forced)
+        if plan.kernel is None:
+            return Outcome.refuse(plan.why, **({"mask": _mask_detail(analysis, "static")} if analysis else {}))
+        target: Any = StaticPlan(analysis, plan.kernel, plan.fill)
         new_args, new_kwargs = call_args, {"scale": args["scale"], "enable_gqa": bool(args["enable_gqa"])}
-        detail = {**_mask_detail(analysis, "static"), "kernel": kernel, "why": why}
+        detail = {**_mask_detail(analysis, "static"), "kernel": plan.kernel, "why": plan.why}
     else:
         record = site.record
         namespace = (ctx.uid, mask.name)  # every site using this mask node shares its plans

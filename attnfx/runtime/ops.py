@@ -64,6 +64,22 @@ def register(site: SiteRuntime) -> int:
     return sid
 
 
+def decide(analysis: Analysis | None, no_key_rows: dict[str, str], batch: int, q_len: int, kv_len: int, device,
+           dtype: torch.dtype, head_dim: int, forced: str | None) -> Plan:
+    """The plan for a classified mask — its kernel (None: the dense masked SDPA) and what its rows with no
+    allowed key get. Shared by the compile-time (static) and the run-time analysis."""
+    if analysis is None:
+        return Plan(None, None, None, "the mask holds values other than 0 and -inf/finfo.min: an additive bias")
+    fill = None
+    if analysis.empty_rows:
+        fill = no_key_rows.get(analysis.spelling, "unknown")
+        if fill not in execute.FILLS:
+            return Plan(analysis, None, None, f"{analysis.empty_rows} row(s) have no allowed key and the original "
+                                              f"kernel gives '{fill}' there: kept dense to match it")
+    kernel, why = execute.choose_kernel(analysis.structure, batch, q_len, kv_len, device, dtype, head_dim, forced)
+    return Plan(analysis, kernel, fill, why)
+
+
 def _flex_mask(analysis: Analysis, q_len: int, kv_len: int, device):
     from attnfx.backends import flex
 
@@ -133,18 +149,10 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints, v=None) -> Pl
 
     def analyse() -> Plan:
         analysis = classify(mask, batch, heads, q_len, kv_len)
-        if analysis is None:
-            return Plan(None, None, None, "the mask holds values other than 0 and -inf/finfo.min: an additive bias")
-        fill = None
-        if analysis.empty_rows:
-            fill = site.no_key_rows.get(analysis.spelling, "unknown")
-            if fill not in execute.FILLS:
-                return Plan(analysis, None, None, f"{analysis.empty_rows} row(s) have no allowed key and the "
-                                                  f"original kernel gives '{fill}' there: kept dense to match it")
-        kernel, why = execute.choose_kernel(analysis.structure, batch, q_len, kv_len, q.device, q.dtype,
-                                            q.shape[-1], site.forced_kernel)
-        plan = Plan(analysis, kernel, fill, why)
-        if site.autotune and site.forced_kernel is None:
+        plan = decide(analysis, site.no_key_rows, batch, q_len, kv_len, q.device, q.dtype, q.shape[-1],
+                      site.forced_kernel)
+        tunable = analysis is not None and (not analysis.empty_rows or plan.fill is not None)
+        if site.autotune and site.forced_kernel is None and tunable:
             plan = _autotune(plan, q, k, v, mask, site)
         if plan.kernel == "flex" and plan.block_mask is None:
             plan.block_mask = _flex_mask(analysis, q_len, kv_len, q.device)
