@@ -2,6 +2,7 @@
 
     python examples/hunyuan_image3.py            # small config on CPU: a 4-step denoising loop + report
     attnfx report examples/hunyuan_image3.py:make_step2
+    attnfx report examples/hunyuan_image3.py:make_step1_image_rows
 
 What the real model does in one attention layer (hidden 4096, 32 query heads, 8 K/V heads, head_dim 128):
   * one fused qkv projection whose output is viewed (B, L, 8, 4 + 2, 128) and split [4, 1, 1]: grouped
@@ -20,7 +21,8 @@ Token layout: ``[text… <boi> <size> <ratio> <timestep> <img>×N <eoi>]``; T to
 
 attnfx finds, with no hint: the K/V expansion (gqa → SDPA reads the 8 cached K/V heads), and the mask's
 structure (mask_structure → at step ≥ 2 two unmasked calls, timestep→prefix and image→all; at step 1
-three: causal text, image rows, the EOI row).
+three: causal text, image rows, the EOI row), and when only the image outputs are read (dead_tokens → at
+step 1 the text and EOI rows and the EOI key are not computed, nor their RoPE, norm and o_proj).
 """
 
 from __future__ import annotations
@@ -158,6 +160,23 @@ def make_step1(cfg: Config = SMALL, text_len: int = 20, num_image: int = 64):
     s = text_len + num_image + 2
     x = torch.randn(2, s, cfg.hidden)
     return attn, (x, step1_mask(text_len, num_image), torch.arange(s), s), {}
+
+
+class ImageRows(nn.Module):
+    """Step 1 as the pipeline uses it: only the image tokens' outputs are read."""
+
+    def __init__(self, attn: HunyuanImage3Attention, text_len: int, num_image: int):
+        super().__init__()
+        self.attn, self.start, self.stop = attn, text_len + 1, text_len + 1 + num_image
+
+    def forward(self, hidden_states, attention_mask, cache_position, kv_len: int):
+        return self.attn(hidden_states, attention_mask, cache_position, kv_len)[:, self.start:self.stop]
+
+
+def make_step1_image_rows(cfg: Config = SMALL, text_len: int = 20, num_image: int = 64):
+    """CLI factory: step 1 reading only the image rows (dead_tokens drops the others and the EOI key)."""
+    attn, args, kwargs = make_step1(cfg, text_len, num_image)
+    return ImageRows(attn, text_len, num_image), args, kwargs
 
 
 def make_step2(cfg: Config = SMALL, text_len: int = 20, num_image: int = 64):

@@ -39,6 +39,15 @@ def test_report_json_from_a_file_path():
     assert site["mask"]["analysis"] == "runtime" and site["mask"]["kind"] == "padding"
 
 
+def test_report_on_an_example_file_with_dataclasses():
+    """A file path spec is imported as a registered module (dataclasses look their module up by name)."""
+    r = run("report", "examples/hunyuan_image3.py:make_step1_image_rows", "--json")
+    assert r.returncode == 0, r.stderr
+    (site,) = json.loads(r.stdout)["sites"]
+    assert site["dead_tokens"]["queries"] == 22 and site["savings"]["projection_flops"] > 0
+    assert site["mask"]["keys_never_attended"] == 1  # the mask is an input here: the EOI key is skipped at run time
+
+
 def test_report_with_dtype_and_pattern_selection():
     r = run("report", "hf_models:llama_factory", "--json", "--dtype", "bfloat16", "--pattern", "manual_attention")
     assert r.returncode == 0, r.stderr

@@ -29,6 +29,12 @@ def attention_inputs(c):
                 return a["query"].meta["example_value"].shape[-2], a["key"].meta["example_value"].shape[-2]
 
 
+def rows_of(c, name):
+    """The token-axis length (dim 1) of every ``name`` op's output in the compiled graphs, in graph order."""
+    return [n.meta["example_value"].shape[1] for g in c.graphs for n in g.graph.nodes
+            if n.op.startswith("call") and getattr(n.target, "__name__", n.target) == name]
+
+
 @pytest.fixture
 def models():
     return hy.make(hy.SMALL), hy.make(hy.SMALL)
@@ -54,6 +60,12 @@ def test_hunyuan_step1_eoi_and_text_rows_are_not_computed(models, read):
     assert site.details["dead_tokens"]["keys"] == 1  # the EOI column: only the (dead) EOI row attended it
     assert attention_inputs(c) == (N, S - 1)
     assert site.savings["attention_flops"] > 0
+    # the rows are not computed around the attention either: RoPE and the per-head norm of the queries
+    # before it (the fused qkv projection also feeds the keys: computed whole), o_proj after it
+    assert rows_of(c, "linear") == [S, N]
+    assert site.details["ops_on_fewer_rows"]["before"] >= 10 and site.details["ops_on_fewer_rows"]["after"] >= 3
+    hidden = hy.SMALL.hidden
+    assert site.savings["projection_flops"] == 2 * hidden * 2 * (S - N) * hidden  # o_proj on T + 2 fewer rows
 
 
 def test_hunyuan_later_steps_timestep_row_and_eoi_column(models):
@@ -156,7 +168,8 @@ def test_hf_llama_only_the_last_position_is_read():
     import attnfx
 
     model = build("llama", "sdpa")
-    opt = attnfx.optimize(model, compiler="eager")
+    graphs = []
+    opt = attnfx.optimize(model, compiler=lambda gm, ex: graphs.append(gm) or gm.forward)
     ids, mask = batch(9)
     with torch.no_grad():
         expected = model(ids, attention_mask=mask, logits_to_keep=1).logits
@@ -165,3 +178,160 @@ def test_hf_llama_only_the_last_position_is_read():
     first, last = attnfx.report(opt).sites
     assert "dead_tokens" not in first.applied  # layer 0's rows feed layer 1's keys and values: all live
     assert last.details["dead_tokens"]["queries"] == 8
+    # the last layer's q_proj, o_proj and MLP run on the one row; k_proj, v_proj on all 9 (they are read)
+    linears = [n.meta["example_value"].shape[1] for n in graphs[0].graph.nodes if n.target is F.linear]
+    assert linears[-8:] == [1, 9, 9, 1, 1, 1, 1, 1]  # q, k, v, o, gate, up, down, lm_head
+    assert last.savings["projection_flops"] > 0
+
+
+def test_dead_key_positions_are_not_projected():
+    """Keys no query may attend (a compile-time mask): their K and V projections are skipped."""
+    wq, wk, wv = (torch.randn(32, 32) for _ in range(3))
+
+    def f(x):
+        q, k, v = (F.linear(x, w).view(2, 10, 4, 8).transpose(1, 2) for w in (wq, wk, wv))
+        allowed = torch.ones(10, 10, dtype=torch.bool)
+        allowed[:, 7:] = False  # keys 7.. are never attended
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    x = torch.randn(2, 10, 32)
+    c = Compiled(f)
+    assert_same(c(x), f(x))
+    assert c.sites[0].details["dead_tokens"]["keys"] == 3
+    assert rows_of(c, "linear") == [10, 7, 7]
+    assert c.sites[0].savings["projection_flops"] == 2 * 2 * 32 * 2 * 3 * 32
+
+
+def test_a_value_read_elsewhere_is_computed_whole():
+    w = torch.randn(16, 16)
+
+    def f(x, k, v):
+        h = F.linear(x, w)
+        q = h.view(1, 6, 2, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v)[:, :, 4:], h.sum()  # h is also read whole
+
+    x, k, v = torch.randn(1, 6, 16), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    c = Compiled(f)
+    for a, e in zip(c(x, k, v), f(x, k, v)):
+        assert_same(a, e)
+    assert rows_of(c, "linear") == [6]
+    assert c.sites[0].details["dead_tokens"]["queries"] == 4
+
+
+def test_a_view_written_in_place_before_the_attention_is_not_moved():
+    def f(x, k, v):
+        h = x * 2
+        q = h.view(1, 6, 2, 8).transpose(1, 2)  # a view of h ...
+        h.add_(1)  # ... written before the attention reads it
+        return F.scaled_dot_product_attention(q, k, v)[:, :, 4:]
+
+    x, k, v = torch.randn(1, 6, 16), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    c = Compiled(f)
+    assert_same(c(x, k, v), f(x, k, v))
+    assert c.sites[0].details["dead_tokens"]["queries"] == 4
+
+
+def test_users_the_rows_cannot_follow_get_the_full_size_back():
+    def f(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v)
+        z = out[:, :, 2:] + out[:, :, :6]  # two different row ranges meet: computed on padded rows
+        return z[:, :, 4:]
+
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    c = Compiled(f)
+    assert_same(c(q, k, v), f(q, k, v))
+    assert c.sites[0].details["live_rows"] == [4, 8]
+    assert c.sites[0].details["ops_on_fewer_rows"]["after"] == 2  # the two slices
+    assert [getattr(n.target, "__name__", "") for g in c.graphs for n in g.graph.nodes].count("pad") == 2
+
+
+def test_gradients_through_narrowed_projections():
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(16, 16)
+    ref = torch.nn.Linear(16, 16)
+    ref.load_state_dict(proj.state_dict())
+
+    def f(lin, x, k, v):
+        q = lin(x).view(1, 6, 2, 8).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 6, 16)
+        return lin(out)[:, 2:4]
+
+    x, k, v = torch.randn(1, 6, 16), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    c = Compiled(lambda x, k, v: f(proj, x, k, v))
+    c(x, k, v).square().sum().backward()
+    f(ref, x, k, v).square().sum().backward()
+    assert c.sites[0].details["dead_tokens"]["queries"] == 4
+    assert_same(proj.weight.grad, ref.weight.grad)
+    assert_same(proj.bias.grad, ref.bias.grad)
+
+
+@pytest.fixture
+def dynamic_output_shapes():
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        yield
+
+
+def test_hunyuan_step1_image_mask_passed_in(models, dynamic_output_shapes):
+    """The real model reads its outputs with an ``image_mask`` it is given: the graph is specialized on
+    the rows the first mask reads, checked once per distinct mask tensor; a mask reading other rows runs
+    the graph compiled without that specialization."""
+    attn, original = models
+    x = torch.randn(2, S, hy.SMALL.hidden)
+
+    def step1(model, x, image_mask):
+        y = model(x, hy.step1_mask(T, N), torch.arange(S), S)
+        return y.masked_select(image_mask[..., None]).view(2, -1, y.shape[-1])
+
+    image = hy.image_mask(T, N)
+    wider = image.clone()
+    wider[:, 3:5] = True  # also reads two text rows
+    c = Compiled(lambda x, m: step1(attn, x, m))
+    with torch.no_grad():
+        for m in (image, image, wider, image):
+            assert_same(c(x, m), step1(original, x, m))
+        (site,) = c.sites
+        assert site.details["dead_tokens"]["queries"] == T + 2
+        assert rows_of(c, "linear")[:2] == [S, N]  # the specialized graph: o_proj on the image rows
+        assert len(c.graphs) == 2 and rows_of(c, "linear")[2:] == [S, S]  # the general one, built on demand
+        (check,) = site.details["runtime_index"]
+        assert check["rows"] == [T + 1, T + 1 + N] and "m" in check["what"]
+        assert (check["index_sets_seen"], check["outside"]) == (2, 1)  # image once (then cached), wider once
+        image[:, 0] = True  # written in place: checked again, and now outside
+        assert_same(c(x, image), step1(original, x, image))
+        assert (check["index_sets_seen"], check["outside"]) == (3, 2)
+
+
+@pytest.mark.parametrize("how", ["index_select", "bool_index", "long_index"])
+def test_rows_picked_by_an_index_passed_in(how, dynamic_output_shapes):
+    w = torch.randn(8, 8)
+
+    def f(q, k, v, index):
+        out = F.linear(F.scaled_dot_product_attention(q, k, v), w)
+        if how == "index_select":
+            return out.index_select(2, index)
+        return out[:, :, index]
+
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    first = {"index_select": torch.tensor([4, 6]), "bool_index": torch.arange(10) % 5 == 4,
+             "long_index": torch.tensor([-6, 6, 4])}[how]
+    other = {"index_select": torch.tensor([0, 9]), "bool_index": torch.arange(10) < 2,
+             "long_index": torch.tensor([-1, 0, 1])}[how]  # same length: no recompilation
+    c = Compiled(f)
+    for index in (first, other, first):
+        assert_same(c(q, k, v, index), f(q, k, v, index))
+    (check,) = c.sites[0].details["runtime_index"]
+    assert c.sites[0].details["live_rows"] == check["rows"] == ([4, 10] if how == "bool_index" else [4, 7])
+    assert (check["index_sets_seen"], check["outside"]) == (2, 1)
+
+
+def test_index_sets_that_change_every_call_stop_being_checked():
+    def f(q, k, v, index):
+        return F.scaled_dot_product_attention(q, k, v).index_select(2, index)
+
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    c = Compiled(f)
+    for i in range(8):  # a new index tensor every call, some reading outside the first one's rows
+        index = torch.tensor([5 + i % 5])
+        assert_same(c(q, k, v, index), f(q, k, v, index))
+    (check,) = c.sites[0].details["runtime_index"]
+    assert check["index_sets_seen"] == 4 and "stopped" in check

@@ -71,18 +71,46 @@ def dependencies(mask: fx.Node, consumer: fx.Node) -> tuple[list[fx.Node], list[
     return tensors, ints, None
 
 
-def evaluate(mask: fx.Node, consumer: fx.Node) -> torch.Tensor:
-    """Run the nodes a constant mask is made of (in-place writes included), now."""
+def evaluate(mask: fx.Node, consumer: fx.Node, inputs: dict[fx.Node, object] | None = None) -> torch.Tensor:
+    """Run the nodes a mask is made of (in-place writes included), now; graph inputs it reads from ``inputs``."""
+    prefix, placeholders = extract(mask, consumer)
+    unset = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
+    with (unset() if unset is not None else torch.no_grad()), torch.no_grad():
+        return prefix(*[(inputs or {})[p] for p in placeholders])
+
+
+def extract(mask: fx.Node, consumer: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A small graph computing ``mask`` as ``consumer`` sees it, and the graph inputs it takes (in order)."""
     gm = mask.graph.owning_module
     needed = closure(mask, consumer)
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    placeholders = []
     for n in mask.graph.nodes:
         if n in needed:
             env[n] = sub.node_copy(n, lambda x: env[x])
+            if n.op == "placeholder":
+                placeholders.append(n)
     sub.output(env[mask])
+    return fx.GraphModule(gm, sub), placeholders
+
+
+def runtime_value(node: fx.Node, consumer: fx.Node, example_inputs) -> tuple[torch.Tensor, fx.GraphModule, list[int]] | None:
+    """A value computed from graph tensor inputs alone, with no in-place write or random op on the way:
+    its value for the example inputs, the graph computing it, and the input positions that graph takes.
+    None when it is not such a value or the example inputs are not real tensors."""
+    if example_inputs is None:
+        return None
+    placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+    needed = closure(node, consumer)
+    if any(n.op in ("call_function", "call_method") and (_mutates(n) or call_name(n) in RANDOM) for n in needed):
+        return None
+    prefix, used = extract(node, consumer)
+    positions = [placeholders.index(p) for p in used]
+    values = [example_inputs[i] for i in positions]
+    if not all(isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor) for v in values):
+        return None
     unset = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
     with (unset() if unset is not None else torch.no_grad()), torch.no_grad():
-        return fx.GraphModule(gm, sub)()
-
-
+        value = prefix(*values)
+    return (value, prefix, positions) if isinstance(value, torch.Tensor) else None

@@ -2,55 +2,67 @@
 
 What it matches
     * Dead query rows: an attention output whose rows reach the graph's outputs only through
-      selectors that exclude some of them — ``x[:, a:b]`` slices, ``masked_select`` / ``index_select``
-      with an index known at compile time — possibly after row-wise ops (transposes and reshapes that keep
-      the row axis, linear layers, norms over other axes, activations, residual adds). The live rows are
-      a contiguous range [a, b) (the hull of what is read).
+      selectors that exclude some of them — ``x[:, a:b]`` / ``narrow`` / integer indices, ``masked_select``,
+      ``index_select``, boolean or integer tensor indexing — possibly after row-wise ops (the table of
+      ``_rows.input_axes``: transposes and reshapes that keep the row axis, linear layers, norms and
+      reductions over other axes, activations, residual adds, RoPE). The live rows are a contiguous range
+      [a, b) (the hull of what is read).
     * Dead key columns: with a mask known at compile time, key positions at the edges of the key axis
       that no live row may attend (a column all False for every batch row, e.g. HunyuanImage3's stale
       ``<eoi>`` column, or keys only dead rows attended).
 
+What it rewrites
+    The attention runs on query rows [a, b) and key columns [c, d) only; the narrowing is pushed upstream
+    through the row-wise ops only the attention reads (``_rows.narrowed``: the query projection, RoPE and
+    norms of dead rows, the K/V projections of dead keys are not computed) and downstream through the
+    row-wise users of the output down to the selectors (``_rows.sink``: o_proj, residual adds, norms, MLP).
+
 Why the rewrite is exact
     Attention computes each query row independently of the others, so computing only rows [a, b)
-    (``q[..., a:b, :]`` with the mask's rows sliced alike) gives those rows bit for bit; the rows outside
-    are filled with zeros and are, by the liveness analysis, never read. A key column that no computed
-    row may attend has softmax weight exactly 0 in every row, so slicing it out of K, V and the mask
-    changes nothing.
+    (``q[..., a:b, :]`` with the mask's rows sliced alike) gives those rows bit for bit. A row-wise op's rows
+    [a, b) are the op applied to its inputs' rows [a, b), so the narrowing moves through such ops without
+    changing a value; where a user cannot follow, it gets the full size back with zero rows that, by the
+    liveness analysis, are never read. A key column that no computed row may attend has softmax weight
+    exactly 0 in every row, so removing it from K, V and the mask changes nothing.
+
+Index sets passed in
+    When rows are read through an index set computed from graph inputs alone (``masked_select(image_mask)``
+    with ``image_mask`` an input), the rows the example call's index set reads are taken, and the graph is
+    guarded (``attnfx.runtime.guards``): each call checks — once per distinct index tensor, cached — that
+    its index set reads within those rows, and otherwise runs the graph compiled without this
+    specialization. (``masked_select`` and boolean indexing are only in the graph with
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``.)
 
 When it refuses
-    Any use of the output the analysis cannot follow (a gather with a run-time index, a reduction over
-    the rows, a reshape that merges the row axis) makes every row live: nothing is dropped, and the
-    report says where liveness stopped. ``is_causal=True`` with dead leading rows (slicing would move the
-    causal diagonal). Key columns are only dropped for masks known at compile time; a run-time mask's
-    all-False columns are skipped by the structured kernels of ``mask_structure`` instead.
+    Any use of the output the analysis cannot follow (a gather with an index computed from intermediate
+    values, a reduction over the rows, a reshape that merges the row axis) makes every row live: nothing
+    is dropped. ``is_causal=True`` with dead leading rows or keys (slicing would move the causal diagonal).
+    Key columns are only dropped for masks known at compile time; a run-time mask's all-False columns are
+    skipped by the structured kernels of ``mask_structure`` instead.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from attnfx.patterns._static import dependencies, evaluate
-from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, op_name, sdpa_args
+from attnfx.patterns._rows import Part, forward_axis, narrowed, sink
+from attnfx.patterns._static import dependencies, evaluate, runtime_value
+from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
 
 NAME = "dead_tokens"
 
-_SAME_ROWS = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "dropout",
-              "silu", "gelu", "relu", "tanh", "sigmoid", "neg", "exp", "rsqrt", "sqrt", "pow", "abs", "linear",
-              "softmax", "log_softmax"}
-_NORMS = {"layer_norm", "rms_norm"}  # normalize over the last len(normalized_shape) dims
-_BINARY = {"add", "sub", "mul", "div", "where", "masked_fill", "maximum", "minimum"}
-
-
 class Live:
-    """The rows of the attention output that are read: [lo, hi), or every row."""
+    """The rows of the attention output that are read: [lo, hi), or every row; and the run-time index sets
+    that range was read off (each must be checked again at run time, see :class:`Guard`)."""
 
-    def __init__(self, lo: Any = None, hi: Any = None, why: str = ""):
-        self.lo, self.hi, self.why = lo, hi, why
+    def __init__(self, lo: Any = None, hi: Any = None, why: str = "", guards: tuple = ()):
+        self.lo, self.hi, self.why, self.guards = lo, hi, why, guards
 
     @property
     def all(self) -> bool:
@@ -61,28 +73,145 @@ class Live:
         return Live(None, None, why)
 
 
+@dataclass
+class Guard:
+    """Rows were found dead through an index set computed at run time (a mask passed in): the graph is
+    specialized on the example call's index set, and valid for any later one that reads within [lo, hi)
+    (in the selector's own row coordinates)."""
+
+    what: str
+    prefix: fx.GraphModule  # computes the index set from graph inputs
+    inputs: list[int]  # the positions of those inputs
+    rows: Callable[[torch.Tensor], tuple[int, int]]  # the rows an index set reads
+    lo: int
+    hi: int
+    site: Any = None  # the record of the site that relies on it
+
+
 def _hull(a: Live | None, b: Live) -> Live:
     if a is None:
         return b
     if a.all or b.all:
         return a if a.all else b
-    return Live(min(a.lo, b.lo), max(a.hi, b.hi))
+    return Live(min(a.lo, b.lo), max(a.hi, b.hi), guards=a.guards + b.guards)
 
 
-def live_rows(node: fx.Node, axis: int, length: int, seen: dict | None = None) -> Live:
-    """Which rows along ``axis`` (of size ``length``) of ``node``'s value are ever read."""
-    seen = {} if seen is None else seen
-    key = (node, axis)
-    if key in seen:
-        return seen[key]
-    seen[key] = Live.every("cycle")  # DAG: never used, but safe
-    result: Live | None = None
-    for user in node.users:
-        result = _hull(result, _use(user, node, axis, length, seen))
-        if result.all:
-            break
-    seen[key] = result if result is not None else Live(0, 0)
-    return seen[key]
+def rows_read(kind: str, index: torch.Tensor, shape: Sequence[int], axis: int) -> tuple[int, int]:
+    """The hull [lo, hi) of the rows along ``axis`` of a tensor of ``shape`` that an index set reads:
+    ``masked_select``'s mask (broadcast to the shape), a boolean index starting at ``axis``, integer indices
+    into ``axis``. (0, 0) when it reads none."""
+    length = shape[axis]
+    if kind == "mask":
+        rows = torch.broadcast_to(index, tuple(shape)).movedim(axis, 0).reshape(length, -1).any(-1).nonzero()
+    elif kind == "bool":
+        rows = index.reshape(length, -1).any(-1).nonzero()
+    else:
+        rows = index.reshape(-1) % length
+    return (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 0)
+
+
+class Liveness:
+    """Which rows of a value are ever read, following its users (``ctx`` lends the example inputs that
+    run-time index sets are read from; without it such index sets make every row live)."""
+
+    def __init__(self, ctx: Any = None):
+        self.example_inputs = getattr(ctx, "example_inputs", None)
+        self.seen: dict = {}
+
+    def rows(self, node: fx.Node, axis: int, length: int) -> Live:
+        """Which rows along ``axis`` (of size ``length``) of ``node``'s value are ever read."""
+        key = (node, axis)
+        if key in self.seen:
+            return self.seen[key]
+        self.seen[key] = Live.every("cycle")  # DAG: never used, but safe
+        result: Live | None = None
+        for user in node.users:
+            result = _hull(result, self._use(user, node, axis, length))
+            if result.all:
+                break
+        self.seen[key] = result if result is not None else Live(0, 0)
+        return self.seen[key]
+
+    def _use(self, user: fx.Node, src: fx.Node, axis: int, length: int) -> Live:
+        if user.op == "output":
+            return Live.every("the output is returned whole")
+        name = call_name(user)
+        src_t = fake(src)
+        if not isinstance(src_t, torch.Tensor) or not isinstance(fake(user), torch.Tensor):
+            return Live.every(f"read by {name}")
+        nd = src_t.dim()
+        if name == "getitem":
+            return self._getitem(user, nd, axis, length)
+        if name == "narrow" and user.args[0] is src and arg(user, 1, "dim") % nd == axis:
+            start, n = arg(user, 2, "start"), arg(user, 3, "length")
+            if isinstance(start, int) and isinstance(n, int):
+                start = start + length if start < 0 else start
+                return self._slice(user, axis, length, slice(start, start + n))
+        if name == "masked_select" and user.args[0] is src:
+            return self._indexed(user, user.args[1], "mask", src_t.shape, axis, "masked_select")
+        if name == "index_select" and user.args[0] is src and arg(user, 1, "dim") % nd == axis:
+            return self._indexed(user, arg(user, 2, "index"), "index", src_t.shape, axis, "index_select")
+        out_axis = forward_axis(user, src, axis)
+        if out_axis is not None:
+            return self.rows(user, out_axis, length)
+        return Live.every(f"read by {name}")
+
+    def _slice(self, user: fx.Node, new_axis: int, length: int, e: slice) -> Live:
+        start, stop, _ = e.indices(length)
+        stop = max(start, stop)
+        inner = self.rows(user, new_axis, stop - start)
+        if inner.all:
+            return Live(start, stop)
+        return Live(start + inner.lo, start + inner.hi, guards=inner.guards)
+
+    def _indexed(self, user: fx.Node, index: Any, kind: str, shape, axis: int, what: str) -> Live:
+        shape = tuple(hint(d) for d in shape)
+        value, found = _static_value(index, user), None
+        if value is None and isinstance(index, fx.Node):
+            found = runtime_value(index, user, self.example_inputs)
+            if found is None:
+                return Live.every(f"{what} with an index set computed at run time")
+            value = found[0]
+        if value is None:
+            return Live.every(f"{what} with an index set computed at run time")
+        lo, hi = rows_read(kind, value, shape, axis)
+        if found is None:
+            return Live(lo, hi)
+        rows = lambda v, kind=kind, shape=shape, axis=axis: rows_read(kind, v, shape, axis)  # noqa: E731
+        names = ", ".join(re.sub(r"^[LG]_(.+)_$", r"\1", n.target) for n in found[1].graph.nodes if n.op == "placeholder")
+        return Live(lo, hi, guards=(Guard(f"{what} with an index set from the graph input(s) {names}",
+                                          found[1], found[2], rows, lo, hi),))
+
+    def _getitem(self, user: fx.Node, nd: int, axis: int, length: int) -> Live:
+        idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+        if any(e is Ellipsis for e in idx):
+            pos = idx.index(Ellipsis)
+            idx = idx[:pos] + (slice(None),) * (nd - (len(idx) - 1 - sum(e is None for e in idx))) + idx[pos + 1:]
+        tensors = [e for e in idx if isinstance(e, fx.Node)]
+        dim, new_axis = 0, 0
+        for e in idx:
+            if e is None:
+                new_axis += 1
+                continue
+            if dim == axis:
+                if isinstance(e, slice) and e.step in (None, 1) and not isinstance(e.start, fx.Node) \
+                        and not isinstance(e.stop, fx.Node):
+                    return self._slice(user, new_axis, length, e)
+                if isinstance(e, int):
+                    i = e + length if e < 0 else e
+                    return Live(i, i + 1)
+                if isinstance(e, fx.Node) and tensors == [e] and isinstance(fake(e), torch.Tensor) \
+                        and (fake(e).dtype != torch.bool or fake(e).dim() == 1):
+                    shape = fake(user.args[0]).shape
+                    return self._indexed(user, e, "bool" if fake(e).dtype == torch.bool else "index", shape, axis,
+                                         "indexing")
+                return Live.every("rows indexed by a tensor along with other tensors")
+            if isinstance(e, slice):
+                new_axis += 1
+            elif not isinstance(e, int):
+                return Live.every("advanced indexing")
+            dim += 1
+        return self.rows(user, new_axis + (axis - dim), length)
 
 
 def _static_value(n: Any, consumer: fx.Node):
@@ -94,111 +223,6 @@ def _static_value(n: Any, consumer: fx.Node):
     return evaluate(n, consumer)
 
 
-def _use(user: fx.Node, src: fx.Node, axis: int, length: int, seen: dict) -> Live:
-    if user.op == "output":
-        return Live.every("the output is returned whole")
-    name = call_name(user)
-    out = fake(user)
-    src_t = fake(src)
-    if not isinstance(src_t, torch.Tensor):
-        return Live.every(f"read by {name}")
-    nd = src_t.dim()
-    if not isinstance(out, torch.Tensor):
-        return Live.every(f"read by {name}")
-    if name in _SAME_ROWS and user.args and user.args[0] is src and out.dim() == nd \
-            and (name not in ("softmax", "log_softmax") or _dim_arg(user, nd) != axis):
-        return live_rows(user, axis, length, seen)
-    if name in _NORMS and user.args[0] is src:
-        shape = arg(user, 1, "normalized_shape")
-        if axis < nd - len(shape if isinstance(shape, (list, tuple)) else [shape]):
-            return live_rows(user, axis, length, seen)
-        return Live.every(f"{name} normalizes over the rows")
-    if name in _BINARY or name in _SAME_ROWS:
-        # broadcasting aligns dims from the right: row r of the result reads row r of this operand only
-        new_axis = axis + out.dim() - nd
-        if 0 <= new_axis < out.dim() and known_eq(out.shape[new_axis], length) and known_eq(src_t.shape[axis], length):
-            return live_rows(user, new_axis, length, seen)
-        return Live.every(f"{name} broadcasts the rows")
-    if name in ("mean", "sum", "amax", "amin"):
-        dims = arg(user, 1, "dim")
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if dims and all((d % nd) != axis for d in dims):
-            keep = arg(user, 2, "keepdim", False)
-            new_axis = axis if keep else axis - sum(1 for d in dims if (d % nd) < axis)
-            return live_rows(user, new_axis, length, seen)
-        return Live.every(f"{name} reduces over the rows")
-    if name == "transpose":
-        a, b = arg(user, 1, "dim0") % nd, arg(user, 2, "dim1") % nd
-        return live_rows(user, b if axis == a else a if axis == b else axis, length, seen)
-    if name == "permute":
-        dims = [d % nd for d in (user.args[1] if isinstance(user.args[1], (list, tuple)) else user.args[1:])]
-        return live_rows(user, dims.index(axis), length, seen)
-    if name in ("reshape", "flatten"):
-        return _through_reshape(user, src_t, out, axis, length, seen)
-    if name == "getitem":
-        return _through_getitem(user, nd, axis, length, seen)
-    if name == "masked_select":
-        mask = _static_value(user.args[1], user)
-        if mask is None:
-            return Live.every("masked_select with a mask computed at run time")
-        rows = torch.broadcast_to(mask, src_t.shape).movedim(axis, 0).reshape(length, -1).any(-1).nonzero()
-        return Live(int(rows.min()), int(rows.max()) + 1) if rows.numel() else Live(0, 0)
-    if name == "index_select" and arg(user, 1, "dim") % nd == axis:
-        index = _static_value(arg(user, 2, "index"), user)
-        if index is None:
-            return Live.every("index_select with an index computed at run time")
-        return Live(int(index.min()), int(index.max()) + 1) if index.numel() else Live(0, 0)
-    return Live.every(f"read by {name}")
-
-
-def _dim_arg(n: fx.Node, nd: int) -> int | None:
-    d = arg(n, 1, "dim")
-    return d % nd if isinstance(d, int) else None
-
-
-def _through_reshape(user, src_t, out, axis, length, seen) -> Live:
-    before = 1
-    for s in src_t.shape[:axis]:
-        before *= hint(s)
-    acc = 1
-    for i, s in enumerate(out.shape):
-        if acc == before and known_eq(s, length):
-            return live_rows(user, i, length, seen)
-        acc *= hint(s)
-    return Live.every("a reshape merges the row axis")
-
-
-def _through_getitem(user, nd, axis, length, seen) -> Live:
-    idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
-    if any(e is Ellipsis for e in idx):
-        pos = idx.index(Ellipsis)
-        idx = idx[:pos] + (slice(None),) * (nd - (len(idx) - 1 - sum(e is None for e in idx))) + idx[pos + 1:]
-    dim, new_axis = 0, 0
-    for e in idx:
-        if e is None:
-            new_axis += 1
-            continue
-        if dim == axis:
-            if isinstance(e, slice) and e.step in (None, 1) and not isinstance(e.start, fx.Node) \
-                    and not isinstance(e.stop, fx.Node):
-                start = 0 if e.start is None else (e.start + length if e.start < 0 else e.start)
-                stop = length if e.stop is None else (e.stop + length if e.stop < 0 else min(e.stop, length))
-                inner = live_rows(user, new_axis, stop - start, seen) if isinstance(stop - start, int) else Live.every("")
-                if inner.all:
-                    return Live(start, stop)
-                return Live(start + inner.lo, start + inner.hi)
-            if isinstance(e, int):
-                i = e + length if e < 0 else e
-                return Live(i, i + 1)
-            return Live.every("rows indexed by a tensor")
-        if isinstance(e, slice):
-            new_axis += 1
-        elif not isinstance(e, int):
-            return Live.every("advanced indexing")
-        dim += 1
-    return live_rows(user, new_axis + (axis - dim), length, seen)
-
-
 def rewrite(site: Site, ctx: Any) -> Outcome | None:
     node = site.node
     if op_name(node) != "sdpa":
@@ -208,7 +232,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     q_len, kv_len, row_axis = q.shape[-2], k.shape[-2], q.dim() - 2
     if not isinstance(q_len, int) or not isinstance(kv_len, int):
         return None  # symbolic lengths: the row range cannot be fixed at compile time
-    live = live_rows(node, row_axis, q_len)
+    live = Liveness(ctx).rows(node, row_axis, q_len)
     lo, hi = (0, q_len) if live.all else (live.lo, live.hi)
     mask = args["attn_mask"]
     m = fake(mask) if isinstance(mask, fx.Node) else None
@@ -229,13 +253,22 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0):
         return Outcome.refuse(f"dropout_p={args['dropout_p']}")
 
+    guards = live.guards if (lo, hi) != (0, q_len) else ()
+    for g in guards:
+        g.site = site.record
+    if guards:
+        ctx.guards.extend(guards)
+
     graph = node.graph
+    upstream: list[fx.Node] = []
+    if (lo, hi) != (0, q_len):
+        args["query"], pairs = narrowed(args["query"], node, row_axis, lo, hi - lo)
+        upstream += pairs
+    if (c0, c1) != (0, kv_len):
+        for name in ("key", "value"):
+            args[name], pairs = narrowed(args[name], node, fake(args[name]).dim() - 2, c0, c1 - c0)
+            upstream += pairs
     with graph.inserting_before(node):
-        if (lo, hi) != (0, q_len):
-            args["query"] = emit(graph, "call_method", "narrow", (args["query"], -2, lo, hi - lo), like=node)
-        if (c0, c1) != (0, kv_len):
-            for name in ("key", "value"):
-                args[name] = emit(graph, "call_method", "narrow", (args[name], -2, c0, c1 - c0), like=node)
         if m is not None:
             if (lo, hi) != (0, q_len) and m.dim() >= 2 and not known_eq(m.shape[-2], 1):
                 mask = emit(graph, "call_method", "narrow", (mask, -2, lo, hi - lo), like=node)
@@ -245,11 +278,11 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         kwargs = {k: args[k] for k in SDPA_ARGS[3:] if k in args}
         new = emit(graph, "call_function", node.target, (args["query"], args["key"], args["value"]), kwargs,
                    like=node)
-        out = new
-        if (lo, hi) != (0, q_len):
-            out = emit(graph, "call_function", F.pad, (new, (0, 0, lo, q_len - hi)), like=node)
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
+    downstream, replaced = [], [node]
+    if (lo, hi) != (0, q_len):
+        downstream, replaced = sink(node, Part(new, row_axis, lo, hi, q_len))
+    else:
+        node.replace_all_uses_with(new)
     heads, dim = q.shape[-3], q.shape[-1]
     batch = 1
     for s in q.shape[:-3]:
@@ -258,11 +291,23 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     how = []
     if (lo, hi) != (0, q_len):
         how.append(f"only query rows [{lo}, {hi}) are read")
+    if guards:
+        how.append("the rows an index set passed in reads are checked per distinct index tensor")
     if (c0, c1) != (0, kv_len):
         how.append(f"no read row may attend keys outside [{c0}, {c1})")
     return Outcome(
-        rewritten=True, node=new, output=out if site.output is node else None,
+        rewritten=True, node=new, output=new if site.output is node else None, replaced=replaced + [old for old, _ in upstream],
         details={"dead_tokens": {"queries": q_len - (hi - lo), "keys": kv_len - (c1 - c0), "how": "; ".join(how)},
+                 "ops_on_fewer_rows": {"before": len(upstream), "after": len(downstream)},
                  "live_rows": [lo, hi]},
-        savings={"attention_flops": 4 * dim * heads * batch * dead_pairs},
+        savings={"attention_flops": 4 * dim * heads * batch * dead_pairs,
+                 "projection_flops": sum(_matmul_flops_saved(*pair) for pair in upstream + downstream)},
     )
+
+
+def _matmul_flops_saved(old: fx.Node, new: fx.Node) -> int:
+    """FLOPs a linear/matmul no longer spends on dead rows: 2 · (output elements dropped) · inner size."""
+    if call_name(old) not in ("linear", "matmul"):
+        return 0
+    inner = hint(fake(old.args[0]).shape[-1])
+    return 2 * inner * (numel_hint(fake(old)) - numel_hint(fake(new)))

@@ -50,8 +50,9 @@ class Backend:
         index = self.report.graphs
         captured = copy.deepcopy(gm.graph)
         start = time.perf_counter()
+        guards: list = []
         try:
-            sites = run_passes(gm, self.options, index, self.layers)
+            sites = run_passes(gm, self.options, index, self.layers, example_inputs=example_inputs, guards=guards)
         except Exception as exc:
             if self.options.strict:
                 raise
@@ -60,7 +61,7 @@ class Backend:
                         exc_info=True)
             gm.graph = copy.deepcopy(captured)
             gm.recompile()
-            sites = find_sites(gm, index)
+            sites, guards = find_sites(gm, index), []
             for s in sites:
                 s.record.note(f"attnfx internal error ({type(exc).__name__}: {exc}); graph left as captured")
         self.report.add_graph([s.record for s in sites])
@@ -68,16 +69,32 @@ class Backend:
         log.info("attnfx: graph %d: %d attention site(s), %d rewritten, in %.2fs; compiling with %s",
                  index, len(sites), rewritten, time.perf_counter() - start,
                  getattr(self.options.compiler, "__name__", self.options.compiler))
+        compiled = self._compile(gm, example_inputs)
+        if self.options.verify and rewritten:
+            compiled = Verifier(fx.GraphModule(gm, captured), gm, compiled, sites, self.options, self.report)
+        if guards:
+            from attnfx.runtime.guards import Check, Guarded
+
+            def build_general(args: Sequence[Any]) -> Callable:
+                general = fx.GraphModule(gm, copy.deepcopy(captured))
+                run_passes(general, self.options, index, self.layers)  # no example inputs: nothing run-time specialized
+                return self._compile(general, args)
+
+            checks = [Check(g) for g in guards]
+            for site in sites:
+                mine = [c.stats for c in checks if c.guard.site is site.record]
+                if mine:
+                    site.record.details["runtime_index"] = mine
+            compiled = Guarded(compiled, build_general, checks, index)
+        return compiled
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if self.options.cache_invariants:
             from attnfx.runtime.invariants import InvariantCaching
 
-            compiled = InvariantCaching(gm, example_inputs, lambda g, ex: inner_compile(self.options, g, ex),
-                                        self.report.cached)
-        else:
-            compiled = inner_compile(self.options, gm, example_inputs)
-        if self.options.verify and rewritten:
-            return Verifier(fx.GraphModule(gm, captured), gm, compiled, sites, self.options, self.report)
-        return compiled
+            return InvariantCaching(gm, example_inputs, lambda g, ex: inner_compile(self.options, g, ex),
+                                    self.report.cached)
+        return inner_compile(self.options, gm, example_inputs)
 
 
 DEFAULT_REPORT = Report()

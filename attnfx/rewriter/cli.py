@@ -55,6 +55,7 @@ def load_factory(spec: str):
                 os.path.splitext(os.path.basename(module_name))[0], module_name)
             module = importlib.util.module_from_spec(mod_spec)
             sys.path.insert(0, os.path.dirname(os.path.abspath(module_name)))
+            sys.modules[mod_spec.name] = module  # dataclasses, pickling and Dynamo look modules up by name
             mod_spec.loader.exec_module(module)
         else:
             if os.getcwd() not in sys.path:

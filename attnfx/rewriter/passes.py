@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch.fx as fx
 
@@ -25,6 +26,8 @@ class PassContext:
     graph_index: int
     uid: int = field(default_factory=lambda: next(_uids))  # unique in the process, unlike graph_index
     layers: dict = field(default_factory=dict)  # site key -> layer index, shared by a backend's graphs
+    example_inputs: Sequence[Any] | None = None  # real values: patterns may specialize on run-time index sets
+    guards: list = field(default_factory=list)  # ... and then say here what must be checked at run time
 
     def layer_index(self, record) -> int:
         """The attention site's index in the model, stable across recompilations (first seen, first numbered)."""
@@ -34,9 +37,15 @@ class PassContext:
         return self.layers[key]
 
 
-def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0, layers: dict | None = None) -> list[Site]:
-    """Rewrite ``gm`` in place. Returns every attention site found, each with its record."""
-    ctx = PassContext(gm, options, graph_index, layers=layers if layers is not None else {})
+def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0, layers: dict | None = None,
+               example_inputs: Sequence[Any] | None = None, guards: list | None = None) -> list[Site]:
+    """Rewrite ``gm`` in place. Returns every attention site found, each with its record.
+
+    With ``example_inputs`` (the real values of the call being compiled) a pattern may specialize the graph
+    on index sets passed in at run time; what must then hold at run time is appended to ``guards``.
+    """
+    ctx = PassContext(gm, options, graph_index, layers=layers if layers is not None else {},
+                      example_inputs=example_inputs)
     sites = find_sites(gm, graph_index)
     for pattern in ORDER:
         if pattern.NAME not in options.patterns:
@@ -65,4 +74,6 @@ def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0, layer
             rec.note("no pattern applies")
     gm.graph.lint()
     gm.recompile()
+    if guards is not None:
+        guards.extend(ctx.guards)
     return sites

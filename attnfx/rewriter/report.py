@@ -206,6 +206,16 @@ def _fmt_savings(savings: dict[str, Any]) -> str:
             continue
         if k.endswith("_bytes") and isinstance(v, (int, float)):
             parts.append(f"{k[:-6]} {_fmt_bytes(v)}")
+        elif k.endswith("_flops") and isinstance(v, (int, float)):
+            parts.append(f"{k[:-6]} {_fmt_flops(v)}")
         else:
             parts.append(f"{k} {v}")
     return ", ".join(parts) or "-"
+
+
+def _fmt_flops(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f} FLOP" if not unit else f"{n:.1f} {unit}FLOP"
+        n /= 1000
+    return str(n)  # pragma: no cover

@@ -1,0 +1,464 @@
+"""Row-wise ops: which axis of each input carries the rows of an op's output, and computing only a range of them.
+
+An op is *row-wise along* output axis ``o`` when row ``r`` of the output (the slice at index ``r`` of
+``o``) is computed from row ``r`` of some inputs (along their own axis, of the same length) and from the
+whole of the others (inputs that broadcast along ``o``, weights). For such an op, rows [lo, hi) of the
+output are exactly the op applied to rows [lo, hi) of the row-carrying inputs — the fact both
+propagations below rest on:
+
+* :func:`narrowed` (upstream): ``x.narrow(axis, lo, n)`` computed by narrowing the inputs of the row-wise
+  ops that only it reads (projections, RoPE with per-token tables, norms, reshapes), so rows nobody
+  needs are never computed;
+* :func:`sink` (downstream): users of an op computed on rows [lo, hi) only are computed on those rows too,
+  down to the selectors that read them (slices, ``masked_select``, ``index_select``); where something
+  cannot follow, the rows are padded back to full size (the padding is, by the caller's liveness proof,
+  never read).
+
+The op table is :func:`input_axes`; everything else goes through it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from attnfx.patterns._static import _mutates
+from attnfx.rewriter.graph import aliases_input, arg, call_name, emit, fake, is_pure, known_eq
+
+UNARY = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "silu", "gelu",
+         "relu", "tanh", "sigmoid", "neg", "exp", "rsqrt", "sqrt", "abs", "sin", "cos", "detach"}
+ELEMENTWISE = {"add", "sub", "mul", "div", "where", "masked_fill", "maximum", "minimum", "pow", "__neg__"}
+NORMS = {"layer_norm", "rms_norm"}  # normalize over the last len(normalized_shape) dims
+REDUCTIONS = {"mean", "sum", "amax", "amin"}
+RESHAPES = {"reshape", "flatten", "unsqueeze", "squeeze"}  # "view" is normalised to "reshape"
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in node.all_input_nodes if isinstance(fake(n), torch.Tensor)]
+
+
+def _dims(d: Any, nd: int) -> list[int] | None:
+    if d is None:
+        return None
+    d = [d] if isinstance(d, int) else list(d)
+    return [x % nd for x in d] if all(isinstance(x, int) for x in d) else None
+
+
+def _prod(xs) -> Any:
+    p = 1
+    for x in xs:
+        p = p * x
+    return p
+
+
+def input_axes(node: fx.Node, o: int) -> dict[fx.Node, int | None] | None:
+    """If ``node`` is row-wise along its output axis ``o``: for each tensor input, the axis that carries the
+    rows (``None``: the input is read whole, e.g. it broadcasts along ``o`` or is a weight). Else None."""
+    if node.op not in ("call_function", "call_method") or not is_pure(node):
+        return None
+    out = fake(node)
+    if not isinstance(out, torch.Tensor) or not 0 <= o < out.dim():
+        return None
+    length, name, nd = out.shape[o], call_name(node), out.dim()
+    ins = _tensor_inputs(node)
+    if name == "cat":
+        dim = arg(node, 1, "dim", 0) % nd
+        parts = node.args[0]
+        if dim == o or not all(isinstance(p, fx.Node) and fake(p).dim() == nd and known_eq(fake(p).shape[o], length)
+                               for p in parts):
+            return None
+        return {p: o for p in parts}
+    if not ins or not isinstance(node.args[0], fx.Node) or node.args[0] not in ins:
+        return None
+    x = node.args[0]
+    xt = fake(x)
+    rest = {n: None for n in ins if n is not x}
+
+    def same(axis: int) -> dict | None:
+        if 0 <= axis < xt.dim() and known_eq(xt.shape[axis], length):
+            return {**rest, x: axis}
+        return None
+
+    if name == "dropout" and arg(node, 2, "training", arg(node, 2, "train", True)) is False:
+        return same(o) if xt.dim() == nd else None  # the identity; active dropout draws per element: refused
+    if name in UNARY or name in ("softmax", "log_softmax"):
+        if name in ("softmax", "log_softmax") and _dims(arg(node, 1, "dim"), nd) in (None, [o]):
+            return None
+        return same(o) if xt.dim() == nd else None
+    if name in ELEMENTWISE:
+        axes: dict[fx.Node, int | None] = {}
+        for n in ins:
+            t = fake(n)
+            a = o - (nd - t.dim())
+            if a < 0 or (known_eq(t.shape[a], 1) and not known_eq(length, 1)):
+                axes[n] = None  # broadcast along the rows
+            elif known_eq(t.shape[a], length):
+                axes[n] = a
+            else:
+                return None
+        return axes
+    if name == "linear" or (name == "matmul" and len(ins) == 2 and fake(ins[1]).dim() == 2 and xt.dim() >= 2):
+        return same(o) if o < nd - 1 and xt.dim() == nd else None
+    if name in NORMS:
+        shape = arg(node, 1, "normalized_shape")
+        k = len(shape) if isinstance(shape, (list, tuple)) else 1
+        return same(o) if o < nd - k else None
+    if name in REDUCTIONS:
+        dims = _dims(arg(node, 1, "dim"), xt.dim())
+        if not dims:
+            return None
+        kept = [d for d in range(xt.dim()) if d not in dims]
+        if arg(node, 2, "keepdim", False):
+            return same(o) if o not in dims else None
+        return same(kept[o]) if o < len(kept) else None
+    if name == "transpose":
+        a, b = arg(node, 1, "dim0") % nd, arg(node, 2, "dim1") % nd
+        return same(b if o == a else a if o == b else o)
+    if name == "permute":
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return same(dims[o] % nd)
+    if name == "expand":
+        a = o - (nd - xt.dim())
+        if a < 0 or (known_eq(xt.shape[a], 1) and not known_eq(length, 1)):
+            return {**rest, x: None}
+        return same(a)
+    if name in RESHAPES:
+        if name == "squeeze" and len(node.args) < 2 and "dim" not in node.kwargs:
+            return None  # squeezes whatever is 1, possibly the narrowed rows
+        before = _prod(out.shape[:o])
+        for a in range(xt.dim()):
+            if known_eq(_prod(xt.shape[:a]), before) and known_eq(xt.shape[a], length):
+                return same(a)
+        return None
+    if name == "getitem":
+        return _getitem_axes(node, xt, o, rest, x)
+    return None
+
+
+def _getitem_axes(node: fx.Node, xt: torch.Tensor, o: int, rest: dict, x: fx.Node):
+    """``x[idx]`` with basic indexing that leaves the input axis mapped to ``o`` whole."""
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if any(isinstance(e, fx.Node) or (isinstance(e, slice) and any(isinstance(v, fx.Node) for v in
+                                                                    (e.start, e.stop, e.step))) for e in idx):
+        return None
+    if any(e is Ellipsis for e in idx):
+        pos = idx.index(Ellipsis)
+        n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
+        idx = idx[:pos] + (slice(None),) * (xt.dim() - n_real) + idx[pos + 1:]
+    idx = idx + (slice(None),) * (xt.dim() - sum(1 for e in idx if e is not None))
+    dim, out_dim = 0, 0
+    for e in idx:
+        if e is None:
+            out_dim += 1
+            continue
+        if isinstance(e, int):
+            dim += 1
+            continue
+        if not isinstance(e, slice):
+            return None
+        if out_dim == o:
+            return {**rest, x: dim} if e == slice(None) or (e.start in (None, 0) and e.stop is None
+                                                          and e.step in (None, 1)) else None
+        out_dim += 1
+        dim += 1
+    return None
+
+
+def forward_axis(node: fx.Node, src: fx.Node, axis: int) -> int | None:
+    """The output axis of ``node`` whose rows are ``src``'s rows along ``axis``, if node is row-wise in them."""
+    out = fake(node)
+    if not isinstance(out, torch.Tensor):
+        return None
+    for o in range(out.dim()):
+        m = input_axes(node, o)
+        if m is not None and m.get(src) == axis:
+            return o
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# rebuilding an op on a range of rows
+
+
+def _rebuild(node: fx.Node, new: dict[fx.Node, fx.Node], o: int, length: int) -> fx.Node:
+    """``node`` computed on the narrowed inputs ``new`` (old input -> narrowed node): rows along ``o`` only."""
+    graph = node.graph
+    args = fx.node.map_arg(node.args, lambda n: new.get(n, n))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: new.get(n, n))
+    name = call_name(node)
+    if name in ("reshape", "expand"):
+        sizes = args[1:] if not isinstance(args[1], (list, tuple)) else args[1]
+        sizes = list(sizes)
+        sizes[o] = length
+        args = (args[0], tuple(sizes))
+        if node.op == "call_function":
+            return emit(graph, "call_function", node.target, args, kwargs, like=node)
+        return emit(graph, "call_method", "reshape" if name == "reshape" else "expand", args, kwargs, like=node)
+    return emit(graph, node.op, node.target, args, kwargs, like=node)
+
+
+def _narrow(graph: fx.Graph, x: fx.Node, axis: int, lo: int, length: int, like: fx.Node) -> fx.Node:
+    return emit(graph, "call_method", "narrow", (x, axis, lo, length), like=like)
+
+
+def _root(n: fx.Node) -> fx.Node:
+    while aliases_input(n):
+        n = n.args[0]
+    return n
+
+
+def _written_roots(graph: fx.Graph) -> set[fx.Node]:
+    return {_root(n.args[0]) for n in graph.nodes
+            if n.op in ("call_function", "call_method") and _mutates(n) and n.args and isinstance(n.args[0], fx.Node)}
+
+
+def _safe_view(n: fx.Node, written: set[fx.Node]) -> bool:
+    """A view in the region is rebuilt where it stood; if its memory is written in place before it is read,
+    the rebuilt (possibly copied) value could differ: keep such views out."""
+    if not aliases_input(n):
+        return True
+    root = _root(n)
+    if root in written:
+        return False
+    return not (root.op in ("placeholder", "get_attr") and any(w.op in ("placeholder", "get_attr") for w in written))
+
+
+def _uses(user: fx.Node, n: fx.Node) -> int:
+    count = 0
+
+    def visit(a):
+        nonlocal count
+        if a is n:
+            count += 1
+        return a
+
+    fx.node.map_arg((user.args, user.kwargs), visit)
+    return count
+
+
+def narrowed(target: fx.Node, consumer: fx.Node, axis: int, lo: int, length: int) -> tuple[fx.Node, list[tuple]]:
+    """A node equal to ``target.narrow(axis, lo, length)`` for ``consumer``'s one use of ``target``, computed
+    by narrowing what only that use reads. Returns it and the ops now computed on fewer rows, as
+    (old node, its narrowed replacement) pairs."""
+    graph = target.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    written = _written_roots(graph)
+    demand: dict[fx.Node, int | None] = {target: axis}
+    inside: dict[fx.Node, int] = {target: 1}  # uses of a node by the region (or by the consumer's one use)
+    region: list[fx.Node] = []
+    heap = [(-order[target], target)]
+    seen = set()
+    while heap:
+        _, n = heapq.heappop(heap)
+        if n in seen:
+            continue
+        seen.add(n)
+        a = demand.get(n)
+        total = sum(_uses(u, n) for u in n.users)
+        if a is None or total != inside.get(n, 0) or not _safe_view(n, written):
+            continue
+        axes = input_axes(n, a)
+        if axes is None:
+            continue
+        region.append(n)
+        for p, pa in axes.items():
+            if pa is None:
+                continue
+            if p in demand and demand[p] != pa:
+                demand[p] = None  # two different axes asked: it stays whole (narrowed per use)
+            elif p not in demand:
+                demand[p] = pa
+            inside[p] = inside.get(p, 0) + _uses(n, p)
+            heapq.heappush(heap, (-order[p], p))
+    if not region:
+        with graph.inserting_before(consumer):
+            return _narrow(graph, target, axis, lo, length, consumer), []
+    members = set(region)
+    new: dict[fx.Node, fx.Node] = {}
+    leaves: dict[tuple[fx.Node, int], fx.Node] = {}
+    for n in sorted(region, key=order.get):
+        axes = input_axes(n, demand[n])
+        sub = {}
+        with graph.inserting_before(n):
+            for p, pa in axes.items():
+                if p in members:
+                    sub[p] = new[p]
+                elif pa is not None:
+                    if (p, pa) not in leaves:
+                        leaves[(p, pa)] = _narrow(graph, p, pa, lo, length, n)
+                    sub[p] = leaves[(p, pa)]
+            new[n] = _rebuild(n, sub, demand[n], length)
+    return new[target], [(n, new[n]) for n in sorted(region, key=order.get)]
+
+
+# ---------------------------------------------------------------------------------------------
+# sinking: users of a partly computed value computed on the same rows
+
+
+class Part:
+    """``new`` holds rows [lo, hi) of ``old``'s value along ``axis`` (``full`` rows in all)."""
+
+    def __init__(self, new: fx.Node, axis: int, lo: int, hi: int, full: int):
+        self.new, self.axis, self.lo, self.hi, self.full = new, axis, lo, hi, full
+
+
+def _pad(graph: fx.Graph, p: Part, like: fx.Node) -> fx.Node:
+    nd = fake(p.new).dim()
+    pads: list[int] = []
+    for d in range(nd - 1, p.axis - 1, -1):
+        pads += [p.lo, p.full - p.hi] if d == p.axis else [0, 0]
+    return emit(graph, "call_function", F.pad, (p.new, tuple(pads)), like=like)
+
+
+def sink(old: fx.Node, part: Part) -> tuple[list[tuple], list[fx.Node]]:
+    """Replace every use of ``old`` by ``part`` (its rows [lo, hi)), computing the row-wise users on those rows
+    only, down to the selectors that read them. The caller guarantees no row outside [lo, hi) is ever read.
+    Returns (the ops now computed on fewer rows as (old, new) pairs, the old nodes replaced)."""
+    graph = old.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    parts: dict[fx.Node, Part] = {old: part}
+    heap = [(order[u], u) for u in old.users]
+    heapq.heapify(heap)
+    done, narrowed_ops, replaced = set(), [], [old]
+    while heap:
+        _, u = heapq.heappop(heap)
+        if u in done:
+            continue
+        done.add(u)
+        ins = [p for p in u.all_input_nodes if p in parts]
+        with graph.inserting_before(u):
+            result = _selector(u, ins, parts) or _row_wise(u, ins, parts)
+            if result is None:  # cannot follow: give this user the full-size value back
+                padded = {p: _pad(graph, parts[p], u) for p in ins}
+                u.args = fx.node.map_arg(u.args, lambda n: padded.get(n, n))
+                u.kwargs = fx.node.map_arg(u.kwargs, lambda n: padded.get(n, n))
+                continue
+        if isinstance(result, Part):
+            parts[u] = result
+            narrowed_ops.append((u, result.new))
+            for w in u.users:
+                heapq.heappush(heap, (order[w], w))
+        else:
+            u.replace_all_uses_with(result)
+        replaced.append(u)
+    return narrowed_ops, replaced
+
+
+def _row_wise(u: fx.Node, ins: list[fx.Node], parts: dict[fx.Node, Part]) -> Part | None:
+    first = parts[ins[0]]
+    if any((parts[p].lo, parts[p].hi, parts[p].full) != (first.lo, first.hi, first.full) for p in ins):
+        return None
+    o = forward_axis(u, ins[0], first.axis)
+    if o is None:
+        return None
+    axes = input_axes(u, o)
+    if any(axes.get(p) != parts[p].axis for p in ins):
+        return None
+    n = first.hi - first.lo
+    sub = {}
+    for p, pa in axes.items():
+        if p in parts:
+            sub[p] = parts[p].new
+        elif pa is not None:
+            sub[p] = _narrow(u.graph, p, pa, first.lo, n, u)
+    return Part(_rebuild(u, sub, o, n), o, first.lo, first.hi, first.full)
+
+
+def _selector(u: fx.Node, ins: list[fx.Node], parts: dict[fx.Node, Part]) -> fx.Node | Part | None:
+    """``u`` reads rows of a part through a slice, an index, ``masked_select`` or ``index_select``."""
+    if len(ins) != 1 or u.args[0] is not ins[0]:
+        return None
+    p = parts[ins[0]]
+    src = fake(ins[0])
+    name, graph = call_name(u), u.graph
+    if name == "getitem":
+        return _getitem(u, p, src)
+    if name == "narrow" and arg(u, 1, "dim") % src.dim() == p.axis:
+        start, n = arg(u, 2, "start"), arg(u, 3, "length")
+        if not isinstance(start, int) or not isinstance(n, int):
+            return None
+        start = start + p.full if start < 0 else start
+        return _sliced(u, p, start, start + n,
+                       lambda a, b: _narrow(graph, p.new, p.axis, a, b - a, u))
+    if name == "masked_select":
+        mask = u.args[1]
+        mt = fake(mask)
+        a = p.axis - (src.dim() - mt.dim())
+        if not isinstance(mask, fx.Node) or a < 0 or known_eq(mt.shape[a], 1) or not known_eq(mt.shape[a], p.full):
+            return None
+        return emit(graph, "call_method", "masked_select",
+                    (p.new, _narrow(graph, mask, a, p.lo, p.hi - p.lo, u)), like=u)
+    if name == "index_select" and arg(u, 1, "dim") % src.dim() == p.axis:
+        index = arg(u, 2, "index")
+        if p.lo:
+            index = emit(graph, "call_function", torch.sub, (index, p.lo), like=u)
+        return emit(graph, "call_function", torch.index_select, (p.new, p.axis, index), like=u)
+    return None
+
+
+def _sliced(u: fx.Node, p: Part, start: int, stop: int, build) -> fx.Node | Part | None:
+    """Rows [start, stop) of the full value, taken from the part by ``build(a, b)`` (part coordinates)."""
+    a, b = max(start, p.lo), min(stop, p.hi)
+    if a >= b:
+        return None
+    new = build(a - p.lo, b - p.lo)
+    if (a, b) == (start, stop):
+        return new
+    return Part(new, p.axis, a - start, b - start, stop - start)
+
+
+def _getitem(u: fx.Node, p: Part, src: torch.Tensor) -> fx.Node | Part | None:
+    idx = u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],)
+    tensors = [e for e in idx if isinstance(e, fx.Node)]
+    if any(isinstance(e, slice) and any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)) for e in idx):
+        return None
+    if any(e is Ellipsis for e in idx):
+        pos = idx.index(Ellipsis)
+        n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
+        idx = idx[:pos] + (slice(None),) * (src.dim() - n_real) + idx[pos + 1:]
+    idx = list(idx) + [slice(None)] * (src.dim() - sum(1 for e in idx if e is not None))
+    dim, out_dim = 0, 0
+    for i, e in enumerate(idx):
+        if e is None:
+            out_dim += 1
+            continue
+        if dim == p.axis:
+            if isinstance(e, int):
+                r = e + p.full if e < 0 else e
+                if not p.lo <= r < p.hi:
+                    return None
+                idx[i] = r - p.lo
+                return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
+            if isinstance(e, fx.Node) and tensors == [e] and (fake(e).dtype != torch.bool or fake(e).dim() == 1):
+                # rows picked by a boolean or integer index
+                n = p.hi - p.lo
+                if fake(e).dtype == torch.bool:
+                    idx[i] = _narrow(u.graph, e, 0, p.lo, n, u)
+                else:  # negative indices count from the full length
+                    idx[i] = emit(u.graph, "call_function", torch.sub,
+                                  (emit(u.graph, "call_function", torch.remainder, (e, p.full), like=u), p.lo), like=u)
+                return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
+            if not isinstance(e, slice) or e.step not in (None, 1):
+                return None
+            start, stop, _ = e.indices(p.full)
+
+            def build(a: int, b: int, i=i) -> fx.Node:
+                idx[i] = slice(a, b)
+                return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
+
+            result = _sliced(u, p, start, stop, build)
+            if isinstance(result, Part):
+                result.axis = out_dim
+            return result
+        if isinstance(e, fx.Node):
+            return None
+        if isinstance(e, slice):
+            out_dim += 1
+        elif not isinstance(e, int):
+            return None
+        dim += 1
+    return None
