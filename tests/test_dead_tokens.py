@@ -292,7 +292,7 @@ def test_hunyuan_step1_image_mask_passed_in(models, dynamic_output_shapes):
         (site,) = c.sites
         assert site.details["dead_tokens"]["queries"] == T + 2
         assert rows_of(c, "linear")[:2] == [S, N]  # the specialized graph: o_proj on the image rows
-        assert len(c.graphs) == 2 and rows_of(c, "linear")[2:] == [S, S]  # the general one, built on demand
+        assert len(c.graphs) == 2 and rows_of(c, "linear")[2:] == [S, S]  # the general one, compiled alongside
         (check,) = site.details["runtime_index"]
         assert check["rows"] == [T + 1, T + 1 + N] and "m" in check["what"]
         assert (check["index_sets_seen"], check["outside"]) == (2, 1)  # image once (then cached), wider once
@@ -335,3 +335,22 @@ def test_index_sets_that_change_every_call_stop_being_checked():
         assert_same(c(q, k, v, index), f(q, k, v, index))
     (check,) = c.sites[0].details["runtime_index"]
     assert check["index_sets_seen"] == 4 and "stopped" in check
+
+
+def test_index_set_passed_in_through_inductor(dynamic_output_shapes):
+    """End to end through Inductor: the rewritten masked_select's data-dependent size is bound like Dynamo's."""
+    import attnfx
+
+    w = torch.randn(8, 8)
+
+    def f(q, k, v, keep):
+        out = F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 12, 8), w)
+        return out.masked_select(keep[None, :, None]).view(1, -1, 8)
+
+    q, k, v = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    keep, other = torch.arange(12) >= 8, torch.arange(12) < 3
+    opt = attnfx.optimize(f, compiler="inductor")
+    for m in (keep, other, keep):
+        assert_same(opt(q, k, v, m), f(q, k, v, m))
+    (site,) = attnfx.report(opt).sites
+    assert site.details["live_rows"] == [8, 12] and site.details["runtime_index"][0]["outside"] == 1

@@ -75,17 +75,16 @@ class Backend:
         if guards:
             from attnfx.runtime.guards import Check, Guarded
 
-            def build_general(args: Sequence[Any]) -> Callable:
-                general = fx.GraphModule(gm, copy.deepcopy(captured))
-                run_passes(general, self.options, index, self.layers)  # no example inputs: nothing run-time specialized
-                return self._compile(general, args)
-
+            # compiled now, within Dynamo's tracing context (data-dependent sizes need its shape environment)
+            general = fx.GraphModule(gm, copy.deepcopy(captured))
+            run_passes(general, self.options, index, self.layers)  # no example inputs: nothing run-time specialized
+            general_compiled = self._compile(general, example_inputs)
             checks = [Check(g) for g in guards]
             for site in sites:
                 mine = [c.stats for c in checks if c.guard.site is site.record]
                 if mine:
                     site.record.details["runtime_index"] = mine
-            compiled = Guarded(compiled, build_general, checks, index)
+            compiled = Guarded(compiled, general_compiled, checks, index)
         return compiled
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

@@ -217,6 +217,14 @@ def emit(
         graph.erase_node(node)
         raise RewriteError(f"could not build {target} for the rewrite: {exc}") from exc
     node.meta["example_value"] = value
+    shape_env = getattr(mode, "shape_env", None)
+    if getattr(shape_env, "pending_fresh_unbacked_symbols", None):
+        # a data-dependent size (masked_select & co.): bind its new symbol to this node, as Dynamo does
+        from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+
+        bindings = compute_unbacked_bindings(shape_env, value)
+        if bindings:
+            node.meta["unbacked_bindings"] = bindings
     return node
 
 

@@ -5,7 +5,7 @@
 call's index set reads are dropped, which is exact for every later call whose index set reads within
 the same rows. :class:`Guarded` runs the specialized graph when every such index set (recomputed from the
 graph inputs it depends on) reads inside its rows, and otherwise the graph rewritten without run-time
-specialization (compiled on the first call that needs it). The check is cached in an
+specialization (compiled alongside: data-dependent sizes need Dynamo's shape environment). The check is cached in an
 :class:`~attnfx.runtime.cache.InputCache` keyed on the identity and version of those inputs, so a
 denoising loop that passes the same mask tensor every step pays for it once (one host sync).
 """
@@ -62,13 +62,11 @@ class Check:
 
 
 class Guarded:
-    """Call ``specialized`` while every check holds, else ``general`` (built by ``build_general(args)`` once)."""
+    """Call ``specialized`` while every check holds, else ``general``."""
 
-    def __init__(self, specialized: Callable, build_general: Callable[[Sequence[Any]], Callable],
-                 checks: Sequence[Check], graph_index: int):
-        self.specialized, self.build_general, self.checks = specialized, build_general, list(checks)
-        self.general: Callable | None = None
-        self.graph_index, self.gave_up = graph_index, False
+    def __init__(self, specialized: Callable, general: Callable, checks: Sequence[Check], graph_index: int):
+        self.specialized, self.general, self.checks = specialized, general, list(checks)
+        self.graph_index, self.gave_up, self.told = graph_index, False, False
 
     def __call__(self, *args: Any) -> Any:
         if not self.gave_up and all(c.holds(args) for c in self.checks):
@@ -79,8 +77,8 @@ class Guarded:
                 c.stats["stopped"] = "a new index set on every call: the general graph runs from now on"
             log.info("attnfx: graph %d: the index sets passed in change on every call; no longer checked",
                      self.graph_index)
-        if self.general is None:
+        if not self.told:
+            self.told = True
             log.info("attnfx: graph %d: an index set passed in reads rows the specialized graph dropped; "
-                     "compiling it without run-time specialization", self.graph_index)
-            self.general = self.build_general(args)
+                     "running the graph compiled without run-time specialization", self.graph_index)
         return self.general(*args)

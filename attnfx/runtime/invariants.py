@@ -226,6 +226,12 @@ def _values(g: Group, inputs: list) -> tuple:
     return vals
 
 
+def _data_dependent_sizes(gm: fx.GraphModule) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return any(isinstance(fake(n), torch.Tensor) and free_unbacked_symbols(fake(n)) for n in gm.graph.nodes)
+
+
 def _compute(g: Group, inputs: list) -> tuple:
     g.computed += 1
     return tuple(g.prefix(*inputs))
@@ -245,7 +251,9 @@ class InvariantCaching:
         groups = self.analysis.groups(set(), "compile time")
         self.base = self._variant(groups, example_inputs, fake_extras=True)
         self.current = self.base
-        static = not any(isinstance(x, torch.SymInt) for x in example_inputs)
+        # learned variants are compiled later, outside Dynamo's tracing context: only for graphs whose
+        # shapes are all known (no symbolic input sizes, no data-dependent sizes from masked_select & co.)
+        static = not any(isinstance(x, torch.SymInt) for x in example_inputs) and not _data_dependent_sizes(gm)
         learnable = {i for n in self.analysis.candidates for i in self.analysis.deps[n] & self.analysis.tensor_inputs}
         self.learning = static and bool(learnable)
         self.seen: list[dict[int, tuple]] = []
