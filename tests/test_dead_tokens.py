@@ -322,6 +322,12 @@ def test_rows_picked_by_an_index_passed_in(how, dynamic_output_shapes):
     (check,) = c.sites[0].details["runtime_index"]
     assert c.sites[0].details["live_rows"] == check["rows"] == ([4, 10] if how == "bool_index" else [4, 7])
     assert (check["index_sets_seen"], check["outside"]) == (2, 1)
+    bad = {"index_select": torch.tensor([4, 10]), "bool_index": torch.ones(11, dtype=torch.bool),
+           "long_index": torch.tensor([4, 10, 5])}[how]
+    with pytest.raises(Exception) as expected:
+        f(q, k, v, bad)
+    with pytest.raises(type(expected.value)):  # out of range: raises like the original, never reads garbage
+        c(q, k, v, bad)
 
 
 def test_index_sets_that_change_every_call_stop_being_checked():

@@ -102,11 +102,21 @@ def rows_read(kind: str, index: torch.Tensor, shape: Sequence[int], axis: int) -
     into ``axis``. (0, 0) when it reads none."""
     length = shape[axis]
     if kind == "mask":
+        try:
+            if torch.broadcast_shapes(index.shape, tuple(shape)) != tuple(shape):
+                return 0, length  # the mask broadcasts the tensor: not a selection of its rows
+        except RuntimeError:
+            return 0, length  # shapes that do not broadcast: the original raises; so must the graph that runs
         rows = torch.broadcast_to(index, tuple(shape)).movedim(axis, 0).reshape(length, -1).any(-1).nonzero()
     elif kind == "bool":
-        rows = index.reshape(length, -1).any(-1).nonzero()
+        if index.dim() != 1 or index.shape[0] != length:
+            return 0, length  # the original raises; so must the graph that runs
+        rows = index.nonzero()
     else:
-        rows = index.reshape(-1) % length
+        index = index.reshape(-1)
+        if index.numel() and (int(index.max()) >= length or int(index.min()) < -length):
+            return 0, length  # out of range: the original raises; so must the graph that runs
+        rows = index % length
     return (int(rows.min()), int(rows.max()) + 1) if rows.numel() else (0, 0)
 
 
