@@ -360,3 +360,32 @@ def test_index_set_passed_in_through_inductor(dynamic_output_shapes):
         assert_same(opt(q, k, v, m), f(q, k, v, m))
     (site,) = attnfx.report(opt).sites
     assert site.details["live_rows"] == [8, 12] and site.details["runtime_index"][0]["outside"] == 1
+
+
+def test_diffusers_flux_last_single_block_text_rows():
+    """A model nobody here wrote: FluxTransformer2DModel drops the text tokens after its last single-stream
+    block, so that block's text rows are dead — its query projection, RoPE, MLP branch and output
+    projection run on the image rows only."""
+    from diffusers import FluxTransformer2DModel
+
+    import attnfx
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
+                          -1).reshape(-1, 3)
+    kw = dict(hidden_states=torch.randn(1, 16, 8), encoder_hidden_states=torch.randn(1, 6, 32),
+              pooled_projections=torch.randn(1, 32), timestep=torch.full((1,), 0.5), img_ids=img_ids,
+              txt_ids=torch.zeros(6, 3), guidance=torch.full((1,), 3.5))
+    opt = attnfx.optimize(model, compiler="eager", verify=True)
+    with torch.no_grad():
+        assert_same(opt(**kw).sample, model(**kw).sample)
+    double, single0, single1 = attnfx.report(opt).sites
+    assert "dead_tokens" not in single0.applied  # its text rows feed the next block's keys
+    assert single1.module == "single_transformer_blocks.1.attn"
+    assert single1.details["dead_tokens"] == {"queries": 6, "keys": 0, "how": "only query rows [6, 22) are read"}
+    dim, mlp = 32, 128
+    # to_q, proj_mlp (its branch is concatenated with the attention output) and proj_out on 6 fewer rows
+    assert single1.savings["projection_flops"] == 2 * 6 * (dim * dim + dim * mlp + (dim + mlp) * dim)

@@ -34,7 +34,7 @@ UNARY = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "t
 ELEMENTWISE = {"add", "sub", "mul", "div", "where", "masked_fill", "maximum", "minimum", "pow", "__neg__"}
 NORMS = {"layer_norm", "rms_norm"}  # normalize over the last len(normalized_shape) dims
 REDUCTIONS = {"mean", "sum", "amax", "amin"}
-RESHAPES = {"reshape", "flatten", "unsqueeze", "squeeze"}  # "view" is normalised to "reshape"
+RESHAPES = {"reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}  # "view" is normalised to "reshape"
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -61,10 +61,23 @@ def input_axes(node: fx.Node, o: int) -> dict[fx.Node, int | None] | None:
     if node.op not in ("call_function", "call_method") or not is_pure(node):
         return None
     out = fake(node)
+    if isinstance(out, (tuple, list)):
+        return _split_axes(node, o)
     if not isinstance(out, torch.Tensor) or not 0 <= o < out.dim():
         return None
     length, name, nd = out.shape[o], call_name(node), out.dim()
+    if name == "getitem" and isinstance(fake(node.args[0]), (tuple, list)) and isinstance(node.args[1], int):
+        src = node.args[0]  # one piece of a split: rows along the split's input axis
+        unbound = call_name(src) == "unbind"
+        d = _split_dim(src)
+        return None if d is None else {src: o + 1 if unbound and o >= d else o}
     ins = _tensor_inputs(node)
+    if name == "stack":
+        d = arg(node, 1, "dim", 0) % nd
+        parts = node.args[0]
+        if d == o or not all(isinstance(p, fx.Node) and isinstance(fake(p), torch.Tensor) for p in parts):
+            return None
+        return {p: o - (o > d) for p in parts}
     if name == "cat":
         dim = arg(node, 1, "dim", 0) % nd
         parts = node.args[0]
@@ -132,11 +145,32 @@ def input_axes(node: fx.Node, o: int) -> dict[fx.Node, int | None] | None:
         before = _prod(out.shape[:o])
         for a in range(xt.dim()):
             if known_eq(_prod(xt.shape[:a]), before) and known_eq(xt.shape[a], length):
+                if name == "unflatten" and arg(node, 1, "dim") % xt.dim() == a:
+                    return None  # the rows themselves are unflattened
                 return same(a)
         return None
     if name == "getitem":
         return _getitem_axes(node, xt, o, rest, x)
     return None
+
+
+SPLITS = {"split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1}  # the position of their dim argument
+
+
+def _split_dim(node: fx.Node) -> int | None:
+    name = call_name(node)
+    if name not in SPLITS or not isinstance(fake(node.args[0]), torch.Tensor):
+        return None
+    d = arg(node, SPLITS[name], "dim", 0)
+    return d % fake(node.args[0]).dim() if isinstance(d, int) else None
+
+
+def _split_axes(node: fx.Node, a: int) -> dict | None:
+    """A split into pieces along another axis: for tuple-valued nodes, ``a`` is an axis of the input."""
+    d = _split_dim(node)
+    if d is None or a == d or not 0 <= a < fake(node.args[0]).dim():
+        return None
+    return {node.args[0]: a}
 
 
 def _getitem_axes(node: fx.Node, xt: torch.Tensor, o: int, rest: dict, x: fx.Node):
@@ -278,6 +312,10 @@ def narrowed(target: fx.Node, consumer: fx.Node, axis: int, lo: int, length: int
         with graph.inserting_before(consumer):
             return _narrow(graph, target, axis, lo, length, consumer), []
     members = set(region)
+    # a piece of a split whose other pieces are read elsewhere: the piece, not the tuple, is narrowed
+    members -= {n for n in region if n.args and isinstance(n.args[0], fx.Node)
+                and isinstance(fake(n.args[0]), (tuple, list)) and n.args[0] not in members}
+    region = [n for n in region if n in members]
     new: dict[fx.Node, fx.Node] = {}
     leaves: dict[tuple[fx.Node, int], fx.Node] = {}
     for n in sorted(region, key=order.get):
@@ -331,7 +369,7 @@ def sink(old: fx.Node, part: Part) -> tuple[list[tuple], list[fx.Node]]:
         done.add(u)
         ins = [p for p in u.all_input_nodes if p in parts]
         with graph.inserting_before(u):
-            result = _selector(u, ins, parts) or _row_wise(u, ins, parts)
+            result = _selector(u, ins, parts) or _row_wise(u, ins, parts, narrowed_ops)
             if result is None:  # cannot follow: give this user the full-size value back
                 padded = {p: _pad(graph, parts[p], u) for p in ins}
                 u.args = fx.node.map_arg(u.args, lambda n: padded.get(n, n))
@@ -348,7 +386,7 @@ def sink(old: fx.Node, part: Part) -> tuple[list[tuple], list[fx.Node]]:
     return narrowed_ops, replaced
 
 
-def _row_wise(u: fx.Node, ins: list[fx.Node], parts: dict[fx.Node, Part]) -> Part | None:
+def _row_wise(u: fx.Node, ins: list[fx.Node], parts: dict[fx.Node, Part], upstream: list) -> Part | None:
     first = parts[ins[0]]
     if any((parts[p].lo, parts[p].hi, parts[p].full) != (first.lo, first.hi, first.full) for p in ins):
         return None
@@ -363,8 +401,9 @@ def _row_wise(u: fx.Node, ins: list[fx.Node], parts: dict[fx.Node, Part]) -> Par
     for p, pa in axes.items():
         if p in parts:
             sub[p] = parts[p].new
-        elif pa is not None:
-            sub[p] = _narrow(u.graph, p, pa, first.lo, n, u)
+        elif pa is not None:  # another operand's rows: narrowed as far up as only this use reads it
+            sub[p], pairs = narrowed(p, u, pa, first.lo, n)
+            upstream.extend(pairs)
     return Part(_rebuild(u, sub, o, n), o, first.lo, first.hi, first.full)
 
 

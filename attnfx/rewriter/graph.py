@@ -307,8 +307,8 @@ def module_of(node: fx.Node) -> str:
 def clean_module_path(path: str) -> str:
     path = re.sub(r"^L\[['\"]self['\"]\]\.?", "", path)
     path = re.sub(r"^[LG]\[['\"](\w+)['\"]\]\.?", r"\1.", path)
-    path = path.replace("._modules", "")
     path = _KEY.sub(r".\1", path)
+    path = re.sub(r"(^|\.)(__dict__\.)?_modules(?=\.|$)", "", path)  # L['self'].__dict__['_modules'][...]
     path = _INDEX.sub(r".\1", path)
     path = path.replace("..", ".").strip(".")
     return path or "<root>"
