@@ -343,6 +343,7 @@ def test_index_sets_that_change_every_call_stop_being_checked():
     assert check["index_sets_seen"] == 4 and "stopped" in check
 
 
+@pytest.mark.inductor
 def test_index_set_passed_in_through_inductor(dynamic_output_shapes):
     """End to end through Inductor: the rewritten masked_select's data-dependent size is bound like Dynamo's."""
     import attnfx

@@ -77,8 +77,15 @@ class Backend:
 
             # compiled now, within Dynamo's tracing context (data-dependent sizes need its shape environment)
             general = fx.GraphModule(gm, copy.deepcopy(captured))
-            run_passes(general, self.options, index, self.layers)  # no example inputs: nothing run-time specialized
-            general_compiled = self._compile(general, example_inputs)
+            try:
+                run_passes(general, self.options, index, self.layers)  # no example inputs: nothing specialized
+            except Exception:
+                if self.options.strict:
+                    raise
+                log.warning("attnfx: internal error while rewriting graph %d without run-time specialization; "
+                            "that variant runs as captured", index, exc_info=True)
+                general = fx.GraphModule(gm, copy.deepcopy(captured))
+            general_compiled = self._compile(general, example_inputs, report_groups=[])  # groups reported once
             checks = [Check(g) for g in guards]
             for site in sites:
                 mine = [c.stats for c in checks if c.guard.site is site.record]
@@ -87,12 +94,12 @@ class Backend:
             compiled = Guarded(compiled, general_compiled, checks, index)
         return compiled
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], report_groups: list | None = None) -> Callable:
         if self.options.cache_invariants:
             from attnfx.runtime.invariants import InvariantCaching
 
             return InvariantCaching(gm, example_inputs, lambda g, ex: inner_compile(self.options, g, ex),
-                                    self.report.cached)
+                                    self.report.cached if report_groups is None else report_groups)
         return inner_compile(self.options, gm, example_inputs)
 
 
