@@ -324,9 +324,9 @@ def test_rows_picked_by_an_index_passed_in(how, dynamic_output_shapes):
     assert (check["index_sets_seen"], check["outside"]) == (2, 1)
     bad = {"index_select": torch.tensor([4, 10]), "bool_index": torch.ones(11, dtype=torch.bool),
            "long_index": torch.tensor([4, 10, 5])}[how]
-    with pytest.raises(Exception) as expected:
+    with pytest.raises((IndexError, RuntimeError)):
         f(q, k, v, bad)
-    with pytest.raises(type(expected.value)):  # out of range: raises like the original, never reads garbage
+    with pytest.raises((IndexError, RuntimeError)):  # out of range: raises like the original, never reads garbage
         c(q, k, v, bad)
 
 
