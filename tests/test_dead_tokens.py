@@ -390,3 +390,57 @@ def test_diffusers_flux_last_single_block_text_rows():
     dim, mlp = 32, 128
     # to_q, proj_mlp (its branch is concatenated with the attention output) and proj_out on 6 fewer rows
     assert single1.savings["projection_flops"] == 2 * 6 * (dim * dim + dim * mlp + (dim + mlp) * dim)
+
+
+# name -> (what computes q's input from x, an op in it, that op's rows after the rewrite: 2 when narrowed)
+UPSTREAM = {
+    "centered_over_rows": (lambda x: x - x.mean(dim=1, keepdim=True), "sub", 2),  # the mean reads every row
+    "cumsum_over_rows": (lambda x: x.cumsum(1), "cumsum", 6),
+    "softmax_over_rows": (lambda x: x.softmax(1), "softmax", 6),
+    "layer_norm": (lambda x: F.layer_norm(x, (16,)), "layer_norm", 2),
+    "flip_rows": (lambda x: x.flip(1), "flip", 6),
+    "chunk_rope": (lambda x: torch.cat([-x.chunk(2, -1)[1], x.chunk(2, -1)[0]], -1) * 0.5 + x, "cat", 2),
+    "unbind_stack": (lambda x: torch.stack(x.reshape(2, 6, 8, 2).unbind(-1)[::-1], -1).flatten(2), "stack", 2),
+}
+# name -> (how the attention output is read, the query rows found dead)
+DOWNSTREAM = {
+    "softmax_over_rows": (lambda o: o.softmax(2)[:, :, 3:], 0),
+    "mean_over_rows": (lambda o: o.mean(2, keepdim=True) + o[:, :, 3:4], 0),
+    "rows_merged_with_heads": (lambda o: o.transpose(1, 2).reshape(2, 24, 4)[:, 6:], 0),
+    "strided_rows": (lambda o: o[:, :, ::2], 0),
+    "flip_then_slice": (lambda o: o.flip(2)[:, :, :2], 0),
+    "cat_on_rows": (lambda o: torch.cat([o, o], 2)[:, :, 10:], 0),
+    "slice_of_slice": (lambda o: o[:, :, 2:][:, :, 1:3], 4),
+    "int_row": (lambda o: o[:, :, -2] * 2, 5),
+    "narrow": (lambda o: F.gelu(o).narrow(2, 4, 2), 4),
+}
+
+
+@pytest.mark.parametrize("name", list(UPSTREAM))
+def test_upstream_ops_are_narrowed_only_when_row_wise(name):
+    w = torch.randn(16, 16)
+
+    fn, op, rows = UPSTREAM[name]
+
+    def f(x, k, v):
+        q = F.linear(fn(x), w).view(2, 6, 4, 4).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v)[:, :, 4:]
+
+    x, k, v = torch.randn(2, 6, 16), torch.randn(2, 4, 6, 4), torch.randn(2, 4, 6, 4)
+    c = Compiled(f)
+    assert_same(c(x, k, v), f(x, k, v))
+    assert c.sites[0].details["dead_tokens"]["queries"] == 4
+    assert rows_of(c, "linear") == [2] and set(rows_of(c, op)) == {rows}
+
+
+@pytest.mark.parametrize("name", list(DOWNSTREAM))
+def test_downstream_uses_keep_every_row_they_read(name):
+    read, dead = DOWNSTREAM[name]
+
+    def f(q, k, v):
+        return read(F.scaled_dot_product_attention(q, k, v))
+
+    q, k, v = (torch.randn(2, 4, 6, 4) for _ in range(3))
+    c = Compiled(f)
+    assert_same(c(q, k, v), f(q, k, v))
+    assert c.sites[0].details.get("dead_tokens", {"queries": 0})["queries"] == dead
