@@ -73,7 +73,7 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_one_line_without_traceback(args, message):
-    if "cuda" in args and __import__("torch").cuda.is_available():
+    if any(a.startswith("cuda") for a in args) and __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
     r = run(*args)
     assert r.returncode != 0
