@@ -444,3 +444,17 @@ def test_downstream_uses_keep_every_row_they_read(name):
     c = Compiled(f)
     assert_same(c(q, k, v), f(q, k, v))
     assert c.sites[0].details.get("dead_tokens", {"queries": 0})["queries"] == dead
+
+
+def test_an_index_set_computed_inside_the_graph_is_refused_with_the_reason():
+    def f(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v)
+        idx = out[0, 0, :, 0].argsort()[:2]  # which rows are read depends on the attention's own result
+        return out[:, :, idx]
+
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    c = Compiled(f)
+    assert_same(c(q, k, v), f(q, k, v))
+    (site,) = c.sites
+    assert "dead_tokens" in site.patterns and "dead_tokens" not in site.applied
+    assert "heavy compute" in site.reason

@@ -26,17 +26,17 @@ Why the rewrite is exact
     exactly 0 in every row, so removing it from K, V and the mask changes nothing.
 
 Index sets passed in
-    When rows are read through an index set computed from graph inputs alone (``masked_select(image_mask)``
-    with ``image_mask`` an input), the rows the example call's index set reads are taken, and the graph is
+    When rows are read through an index set computed from graph inputs alone by a few cheap ops
+    (``masked_select(image_mask)`` with ``image_mask`` an input), the rows the example call's index set reads are taken, and the graph is
     guarded (``attnfx.runtime.guards``): each call checks — once per distinct index tensor, cached — that
     its index set reads within those rows, and otherwise runs the graph compiled without this
     specialization. (``masked_select`` and boolean indexing are only in the graph with
     ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``.)
 
 When it refuses
-    Any use of the output the analysis cannot follow (a gather with an index computed from intermediate
-    values, a reduction over the rows, a reshape that merges the row axis) makes every row live: nothing
-    is dropped. ``is_causal=True`` with dead leading rows or keys (slicing would move the causal diagonal).
+    Any use of the output the analysis cannot follow (a reduction over the rows, a reshape that merges the
+    row axis, a gather whose index takes heavy compute or random ops) makes every row live: nothing is
+    dropped; where a selector was met but could not be followed, the report says why. ``is_causal=True`` with dead leading rows or keys (slicing would move the causal diagonal).
     Key columns are only dropped for masks known at compile time; a run-time mask's all-False columns are
     skipped by the structured kernels of ``mask_structure`` instead.
 """
@@ -61,16 +61,17 @@ class Live:
     """The rows of the attention output that are read: [lo, hi), or every row; and the run-time index sets
     that range was read off (each must be checked again at run time, see :class:`Guard`)."""
 
-    def __init__(self, lo: Any = None, hi: Any = None, why: str = "", guards: tuple = ()):
+    def __init__(self, lo: Any = None, hi: Any = None, why: str = "", guards: tuple = (), selector: bool = False):
         self.lo, self.hi, self.why, self.guards = lo, hi, why, guards
+        self.selector = selector  # every row counts as read because a selector could not be followed
 
     @property
     def all(self) -> bool:
         return self.lo is None
 
     @staticmethod
-    def every(why: str) -> "Live":
-        return Live(None, None, why)
+    def every(why: str, selector: bool = False) -> "Live":
+        return Live(None, None, why, selector=selector)
 
 
 @dataclass
@@ -179,11 +180,14 @@ class Liveness:
         value, found = _static_value(index, user), None
         if value is None and isinstance(index, fx.Node):
             found = runtime_value(index, user, self.example_inputs)
+            if found is not None and not _cheap(found[1]):
+                return Live.every(f"{what} with an index set that takes heavy compute (checking it on every new "
+                                  "input would cost more than it saves)", selector=True)
             if found is None:
-                return Live.every(f"{what} with an index set computed at run time")
+                return Live.every(f"{what} with an index set not computed from graph inputs alone", selector=True)
             value = found[0]
         if value is None:
-            return Live.every(f"{what} with an index set computed at run time")
+            return Live.every(f"{what} with an index set not computed from graph inputs alone", selector=True)
         lo, hi = rows_read(kind, value, shape, axis)
         if found is None:
             return Live(lo, hi)
@@ -215,13 +219,23 @@ class Liveness:
                     shape = fake(user.args[0]).shape
                     return self._indexed(user, e, "bool" if fake(e).dtype == torch.bool else "index", shape, axis,
                                          "indexing")
-                return Live.every("rows indexed by a tensor along with other tensors")
+                return Live.every("rows indexed by a tensor along with other tensors", selector=True)
             if isinstance(e, slice):
                 new_axis += 1
             elif not isinstance(e, int):
-                return Live.every("advanced indexing")
+                return Live.every("advanced indexing", selector=True)
             dim += 1
         return self.rows(user, new_axis + (axis - dim), length)
+
+
+HEAVY = {"matmul", "linear", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d", "sdpa", "softmax"}
+MAX_CHECK_OPS = 32
+
+
+def _cheap(prefix: fx.GraphModule) -> bool:
+    """An index set re-checked once per distinct input must be cheap to recompute: a few elementwise ops."""
+    ops = [n for n in prefix.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    return len(ops) <= MAX_CHECK_OPS and not any(call_name(n) in HEAVY or n.op == "call_module" for n in ops)
 
 
 def _static_value(n: Any, consumer: fx.Node):
@@ -255,6 +269,8 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         if cols.numel():
             c0, c1 = int(cols.min()), int(cols.max()) + 1
     if (lo, hi) == (0, q_len) and (c0, c1) == (0, kv_len):
+        if live.selector:  # the output is selected from, but which rows could not be proven
+            return Outcome.refuse(f"every query row counts as read: {live.why}")
         return None
     if lo == hi:
         return None  # nothing read at all: dead code elimination's business, not ours
