@@ -293,12 +293,12 @@ def test_hunyuan_step1_image_mask_passed_in(models, dynamic_output_shapes):
         assert site.details["dead_tokens"]["queries"] == T + 2
         assert rows_of(c, "linear")[:2] == [S, N]  # the specialized graph: o_proj on the image rows
         assert len(c.graphs) == 2 and rows_of(c, "linear")[2:] == [S, S]  # the general one, compiled alongside
-        (check,) = site.details["runtime_index"]
-        assert check["rows"] == [T + 1, T + 1 + N] and "m" in check["what"]
-        assert (check["index_sets_seen"], check["outside"]) == (2, 1)  # image once (then cached), wider once
+        (check,) = site.details["specialized_on"]
+        assert check["expects"]["rows"] == [T + 1, T + 1 + N] and "graph input m" in check["what"]
+        assert (check["checked"], check["failed"]) == (2, 1)  # image once (then cached), wider once
         image[:, 0] = True  # written in place: checked again, and now outside
         assert_same(c(x, image), step1(original, x, image))
-        assert (check["index_sets_seen"], check["outside"]) == (3, 2)
+        assert (check["checked"], check["failed"]) == (3, 2)
 
 
 @pytest.mark.parametrize("how", ["index_select", "bool_index", "long_index"])
@@ -319,9 +319,9 @@ def test_rows_picked_by_an_index_passed_in(how, dynamic_output_shapes):
     c = Compiled(f)
     for index in (first, other, first):
         assert_same(c(q, k, v, index), f(q, k, v, index))
-    (check,) = c.sites[0].details["runtime_index"]
-    assert c.sites[0].details["live_rows"] == check["rows"] == ([4, 10] if how == "bool_index" else [4, 7])
-    assert (check["index_sets_seen"], check["outside"]) == (2, 1)
+    (check,) = c.sites[0].details["specialized_on"]
+    assert c.sites[0].details["live_rows"] == check["expects"]["rows"] == ([4, 10] if how == "bool_index" else [4, 7])
+    assert (check["checked"], check["failed"]) == (2, 1)
     bad = {"index_select": torch.tensor([4, 10]), "bool_index": torch.ones(11, dtype=torch.bool),
            "long_index": torch.tensor([4, 10, 5])}[how]
     with pytest.raises((IndexError, RuntimeError)):
@@ -339,8 +339,8 @@ def test_index_sets_that_change_every_call_stop_being_checked():
     for i in range(8):  # a new index tensor every call, some reading outside the first one's rows
         index = torch.tensor([5 + i % 5])
         assert_same(c(q, k, v, index), f(q, k, v, index))
-    (check,) = c.sites[0].details["runtime_index"]
-    assert check["index_sets_seen"] == 4 and "stopped" in check
+    (check,) = c.sites[0].details["specialized_on"]
+    assert check["checked"] == 4 and "stopped" in check
 
 
 @pytest.mark.inductor
@@ -360,7 +360,7 @@ def test_index_set_passed_in_through_inductor(dynamic_output_shapes):
     for m in (keep, other, keep):
         assert_same(opt(q, k, v, m), f(q, k, v, m))
     (site,) = attnfx.report(opt).sites
-    assert site.details["live_rows"] == [8, 12] and site.details["runtime_index"][0]["outside"] == 1
+    assert site.details["live_rows"] == [8, 12] and site.details["specialized_on"][0]["failed"] == 1
 
 
 def test_diffusers_flux_last_single_block_text_rows():

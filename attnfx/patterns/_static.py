@@ -8,6 +8,7 @@ used. Used by the patterns that read masks and index sets at compile time.
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -114,3 +115,9 @@ def runtime_value(node: fx.Node, consumer: fx.Node, example_inputs) -> tuple[tor
     with (unset() if unset is not None else torch.no_grad()), torch.no_grad():
         value = prefix(*values)
     return (value, prefix, positions) if isinstance(value, torch.Tensor) else None
+
+
+def input_names(prefix: fx.GraphModule) -> str:
+    """The user-facing names of the graph inputs a prefix graph reads (``L_image_mask_`` -> ``image_mask``)."""
+    names = [re.sub(r"^[LG]_(.+)_$", r"\1", str(n.target)) for n in prefix.graph.nodes if n.op == "placeholder"]
+    return "the graph input" + ("s " if len(names) > 1 else " ") + ", ".join(names)

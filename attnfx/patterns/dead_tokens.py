@@ -43,23 +43,23 @@ When it refuses
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 
 from attnfx.patterns._rows import Part, forward_axis, narrowed, sink
-from attnfx.patterns._static import dependencies, evaluate, runtime_value
+from attnfx.patterns._static import dependencies, evaluate, input_names, runtime_value
 from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
+from attnfx.runtime.guards import Guard
+from attnfx.runtime.guards import add as add_guard
 
 NAME = "dead_tokens"
 
 class Live:
     """The rows of the attention output that are read: [lo, hi), or every row; and the run-time index sets
-    that range was read off (each must be checked again at run time, see :class:`Guard`)."""
+    that range was read off (each must be checked again at run time: ``attnfx.runtime.guards``)."""
 
     def __init__(self, lo: Any = None, hi: Any = None, why: str = "", guards: tuple = (), selector: bool = False):
         self.lo, self.hi, self.why, self.guards = lo, hi, why, guards
@@ -72,21 +72,6 @@ class Live:
     @staticmethod
     def every(why: str, selector: bool = False) -> "Live":
         return Live(None, None, why, selector=selector)
-
-
-@dataclass
-class Guard:
-    """Rows were found dead through an index set computed at run time (a mask passed in): the graph is
-    specialized on the example call's index set, and valid for any later one that reads within [lo, hi)
-    (in the selector's own row coordinates)."""
-
-    what: str
-    prefix: fx.GraphModule  # computes the index set from graph inputs
-    inputs: list[int]  # the positions of those inputs
-    rows: Callable[[torch.Tensor], tuple[int, int]]  # the rows an index set reads
-    lo: int
-    hi: int
-    site: Any = None  # the record of the site that relies on it
 
 
 def _hull(a: Live | None, b: Live) -> Live:
@@ -191,10 +176,12 @@ class Liveness:
         lo, hi = rows_read(kind, value, shape, axis)
         if found is None:
             return Live(lo, hi)
-        rows = lambda v, kind=kind, shape=shape, axis=axis: rows_read(kind, v, shape, axis)  # noqa: E731
-        names = ", ".join(re.sub(r"^[LG]_(.+)_$", r"\1", n.target) for n in found[1].graph.nodes if n.op == "placeholder")
-        return Live(lo, hi, guards=(Guard(f"{what} with an index set from the graph input(s) {names}",
-                                          found[1], found[2], rows, lo, hi),))
+        def holds(v: torch.Tensor, kind=kind, shape=shape, axis=axis, lo=lo, hi=hi) -> bool:
+            a, b = rows_read(kind, v, shape, axis)
+            return a >= b or (lo <= a and b <= hi)
+
+        return Live(lo, hi, guards=(Guard(f"{what} with an index set from {input_names(found[1])}", found[1],
+                                          found[2], holds, {"rows": [lo, hi]}),))
 
     def _getitem(self, user: fx.Node, nd: int, axis: int, length: int) -> Live:
         idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
@@ -281,9 +268,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
 
     guards = live.guards if (lo, hi) != (0, q_len) else ()
     for g in guards:
-        g.site = site.record
-    if guards:
-        ctx.guards.extend(guards)
+        add_guard(ctx.guards, g, site.record)
 
     graph = node.graph
     upstream: list[fx.Node] = []

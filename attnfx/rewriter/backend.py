@@ -73,7 +73,7 @@ class Backend:
         if self.options.verify and rewritten:
             compiled = Verifier(fx.GraphModule(gm, captured), gm, compiled, sites, self.options, self.report)
         if guards:
-            from attnfx.runtime.guards import Check, Guarded
+            from attnfx.runtime.guards import Guarded
 
             # compiled now, within Dynamo's tracing context (data-dependent sizes need its shape environment)
             general = fx.GraphModule(gm, copy.deepcopy(captured))
@@ -86,12 +86,11 @@ class Backend:
                             "that variant runs as captured", index, exc_info=True)
                 general = fx.GraphModule(gm, copy.deepcopy(captured))
             general_compiled = self._compile(general, example_inputs, report_groups=[])  # groups reported once
-            checks = [Check(g) for g in guards]
             for site in sites:
-                mine = [c.stats for c in checks if c.guard.site is site.record]
+                mine = [g.stats for g in guards if any(r is site.record for r in g.sites)]
                 if mine:
-                    site.record.details["runtime_index"] = mine
-            compiled = Guarded(compiled, general_compiled, checks, index)
+                    site.record.details["specialized_on"] = mine
+            compiled = Guarded(compiled, general_compiled, guards, index)
         return compiled
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], report_groups: list | None = None) -> Callable:
