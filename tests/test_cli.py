@@ -36,7 +36,8 @@ def test_report_json_from_a_file_path():
     for key in ("module", "source", "patterns", "rewritten", "target", "reason", "savings"):
         assert key in site
     assert site["applied"] == ["gqa", "mask_structure"] and site["savings"]["kv_expansion_bytes"] > 0
-    assert site["mask"]["analysis"] == "runtime" and site["mask"]["kind"] == "padding"
+    assert site["mask"]["analysis"] == "specialized" and site["mask"]["kind"] == "padding"
+    assert site["specialized_on"][0]["checked"] == 1 and site["specialized_on"][0]["failed"] == 0
 
 
 def test_report_on_an_example_file_with_dataclasses():

@@ -82,7 +82,7 @@ def test_hunyuan_later_steps_timestep_row_and_eoi_column(models):
     (site,) = c.sites
     assert site.details["dead_tokens"]["queries"] == 1
     plan = site.details["mask"]  # the mask is an input: its EOI column is skipped by the run-time plan
-    assert plan["analysis"] == "runtime" and plan["groups"] == [[0, N, 0, S - 1]]
+    assert plan["analysis"] == "specialized" and plan["groups"] == [[0, N, 0, S - 1]]
     assert plan["keys_never_attended"] == 1
 
 

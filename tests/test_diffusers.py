@@ -25,7 +25,7 @@ def test_lumina_gqa_processor_is_rewritten():
     (site,) = attnfx.report(opt).sites
     assert site.module == "attn" and site.source.startswith("diffusers/models/attention_processor.py:")
     assert site.applied == ["gqa", "mask_structure"]
-    assert site.details["mask"] == {"analysis": "runtime", "kind": "padding", "side": "right", "lengths": [5, 3],
+    assert site.details["mask"] == {"analysis": "specialized", "kind": "padding", "side": "right", "lengths": [5, 3],
                                     "causal": None, "kernel": "sdpa.split", "why": "2 segment(s), one SDPA call each"}
 
 

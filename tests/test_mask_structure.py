@@ -122,7 +122,7 @@ def test_runtime_analysis_matches_the_original(name, dtype, spelling):
     structure, batch, q_len, kv_len = STRUCTURES[name]
     q, k, v = qkv(batch, q_len, kv_len, dtype)
     mask = spell(structure.materialize(q_len, kv_len).expand(batch, 1, q_len, kv_len), spelling, dtype)
-    c = Compiled(gqa_sdpa)
+    c = Compiled(gqa_sdpa, specialize=False)  # the run-time op (the general graph of a specialized one)
     assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask), dtype)
     (site,) = c.sites
     assert site.applied == ["gqa", "mask_structure"]
@@ -132,6 +132,32 @@ def test_runtime_analysis_matches_the_original(name, dtype, spelling):
         assert detail["kernel"].startswith("sdpa (dense")
     else:
         assert detail["kernel"] == "sdpa.split"
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_specialized_on_the_mask_passed_in(name):
+    """By default a mask passed in is read at compile time from the example call and the plan is baked into
+    the graph (no per-call Python); every later call checks, once per distinct mask tensor, that its mask
+    equals that one, and otherwise runs the graph with the run-time op."""
+    structure, batch, q_len, kv_len = STRUCTURES[name]
+    q, k, v = qkv(batch, q_len, kv_len)
+    mask = structure.materialize(q_len, kv_len).expand(batch, 1, q_len, kv_len).contiguous()
+    other = torch.rand(batch, 1, q_len, kv_len, generator=torch.Generator().manual_seed(1)) > 0.3
+    other[..., 0] = True
+    c = Compiled(gqa_sdpa)
+    for m in (mask, mask.clone(), other, mask):
+        assert_same(c(q, k, v, m), gqa_sdpa(q, k, v, m))
+    (site,) = c.sites
+    detail = site.details["mask"]
+    if name == "sliding_window":  # no plan beats the dense mask: nothing to specialize
+        assert detail["analysis"] == "runtime"
+        return
+    assert detail["analysis"] == "specialized" and detail["kind"] == structure.kind
+    (guard,) = site.details["specialized_on"]
+    assert (guard["checked"], guard["failed"]) == (3, 1)  # mask, its clone (equal), other; mask again: cached
+    specialized, general = ([str(n.target) for n in g.graph.nodes] for g in c.graphs)
+    assert any("StaticPlan" in t for t in specialized) and not any("structured_attention" in t for t in specialized)
+    assert any("structured_attention" in t for t in general)
 
 
 @pytest.mark.parametrize("kernel", ["varlen.reference", "reference", "sdpa.split"])
@@ -187,7 +213,7 @@ def test_one_plan_shared_by_every_layer_and_call():
             x = gqa_sdpa(x, k, v, mask)
         return x
 
-    c = Compiled(layers)
+    c = Compiled(layers, specialize=False)
     before = (ops.PLANS.stats.misses, ops.PLANS.stats.hits)
     for _ in range(3):
         assert_same(c(q, k, v, mask), layers(q, k, v, mask))
@@ -196,24 +222,29 @@ def test_one_plan_shared_by_every_layer_and_call():
     assert len(c.sites) == 4 and all(s.details["mask"]["kind"] == "row_groups" for s in c.sites)
 
 
-def test_in_place_edit_invalidates_the_plan():
+@pytest.mark.parametrize("specialize", [False, True])
+def test_in_place_edit_invalidates_the_plan(specialize):
     q, k, v = qkv(1, 6, 6)
     mask = Causal().materialize(6, 6)
-    c = Compiled(gqa_sdpa)
+    c = Compiled(gqa_sdpa, specialize=specialize)
     assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
     assert c.sites[0].details["mask"]["kind"] == "causal"
     mask[..., 4:, :] = True  # the same tensor, now a different structure
     assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
-    assert c.sites[0].details["mask"]["kind"] == "row_groups"
+    if specialize:  # the check ran again (the version moved) and sent the call to the general graph
+        assert c.sites[0].details["specialized_on"][0]["failed"] == 1
+    else:
+        assert c.sites[0].details["mask"]["kind"] == "row_groups"
 
 
-def test_a_new_mask_at_a_reused_address_is_not_confused():
+@pytest.mark.parametrize("specialize", [False, True])
+def test_a_new_mask_at_a_reused_address_is_not_confused(specialize):
     """Each mask is a new tensor over the same memory (same data_ptr, shape, stride, _version 0), as
-    when freed memory is handed out again: keying on data_ptr would reuse the wrong plan."""
+    when freed memory is handed out again: keying on data_ptr would reuse the wrong plan (or check)."""
     q, k, v = qkv(1, 6, 6)
     patterns = [NoMask().materialize(6, 6), Causal().materialize(6, 6)]
     memory = bytearray(36)
-    c = Compiled(gqa_sdpa)
+    c = Compiled(gqa_sdpa, specialize=specialize)
     ptrs = set()
     for i in range(6):
         memory[:] = patterns[i % 2].flatten().numpy().tobytes()
@@ -221,7 +252,8 @@ def test_a_new_mask_at_a_reused_address_is_not_confused():
         ptrs.add(mask.data_ptr())
         assert mask._version == 0
         assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
-        assert c.sites[0].details["mask"]["kind"] == ("none", "causal")[i % 2]
+        if not specialize:
+            assert c.sites[0].details["mask"]["kind"] == ("none", "causal")[i % 2]
         del mask
         gc.collect()
     assert len(ptrs) == 1

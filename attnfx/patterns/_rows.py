@@ -26,8 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from attnfx.patterns._static import _mutates
-from attnfx.rewriter.graph import aliases_input, arg, call_name, emit, fake, is_pure, known_eq
+from attnfx.rewriter.graph import aliases_input, arg, call_name, emit, fake, is_pure, known_eq, writes_in_place
 
 UNARY = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "silu", "gelu",
          "relu", "tanh", "sigmoid", "neg", "exp", "rsqrt", "sqrt", "abs", "sin", "cos", "detach"}
@@ -247,7 +246,7 @@ def _root(n: fx.Node) -> fx.Node:
 
 def _written_roots(graph: fx.Graph) -> set[fx.Node]:
     return {_root(n.args[0]) for n in graph.nodes
-            if n.op in ("call_function", "call_method") and _mutates(n) and n.args and isinstance(n.args[0], fx.Node)}
+            if n.op in ("call_function", "call_method") and writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node)}
 
 
 def _safe_view(n: fx.Node, written: set[fx.Node]) -> bool:

@@ -7,20 +7,15 @@ used. Used by the patterns that read masks and index sets at compile time.
 
 from __future__ import annotations
 
-import operator
 import re
 
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import aliases_input, call_name, fake
+from attnfx.rewriter.graph import aliases_input, call_name, fake, writes_in_place
 
 RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
           "multinomial", "dropout", "uniform_", "normal_", "randperm"}
-
-def _mutates(n: fx.Node) -> bool:
-    return n.target is operator.setitem or call_name(n).endswith("_") or "out" in n.kwargs
-
 
 def closure(mask: fx.Node, consumer: fx.Node) -> set[fx.Node]:
     """Every node the mask's value depends on: its ancestors, and the in-place writes into any of them
@@ -49,7 +44,7 @@ def closure(mask: fx.Node, consumer: fx.Node) -> set[fx.Node]:
                         frontier.append(u)
             for a in aliases:
                 for u in a.users:
-                    if u not in needed and _mutates(u) and order[u] < order[consumer] and u.args and u.args[0] is a:
+                    if u not in needed and writes_in_place(u) and order[u] < order[consumer] and u.args and u.args[0] is a:
                         add(u)
                         changed = True
     return needed
@@ -104,7 +99,7 @@ def runtime_value(node: fx.Node, consumer: fx.Node, example_inputs) -> tuple[tor
         return None
     placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
     needed = closure(node, consumer)
-    if any(n.op in ("call_function", "call_method") and (_mutates(n) or call_name(n) in RANDOM) for n in needed):
+    if any(n.op in ("call_function", "call_method") and (writes_in_place(n) or call_name(n) in RANDOM) for n in needed):
         return None
     prefix, used = extract(node, consumer)
     positions = [placeholders.index(p) for p in used]
@@ -121,3 +116,13 @@ def input_names(prefix: fx.GraphModule) -> str:
     """The user-facing names of the graph inputs a prefix graph reads (``L_image_mask_`` -> ``image_mask``)."""
     names = [re.sub(r"^[LG]_(.+)_$", r"\1", str(n.target)) for n in prefix.graph.nodes if n.op == "placeholder"]
     return "the graph input" + ("s " if len(names) > 1 else " ") + ", ".join(names)
+
+
+HEAVY = {"matmul", "linear", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d", "sdpa", "softmax"}
+MAX_CHECK_OPS = 64
+
+
+def cheap(prefix: fx.GraphModule) -> bool:
+    """A value re-checked once per distinct input must be cheap to recompute: elementwise ops, no matmuls."""
+    ops = [n for n in prefix.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    return len(ops) <= MAX_CHECK_OPS and not any(call_name(n) in HEAVY or n.op == "call_module" for n in ops)

@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 
 from attnfx.patterns._rows import Part, forward_axis, narrowed, sink
-from attnfx.patterns._static import dependencies, evaluate, input_names, runtime_value
+from attnfx.patterns._static import cheap, dependencies, evaluate, input_names, runtime_value
 from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
 from attnfx.runtime.guards import Guard
@@ -165,7 +165,7 @@ class Liveness:
         value, found = _static_value(index, user), None
         if value is None and isinstance(index, fx.Node):
             found = runtime_value(index, user, self.example_inputs)
-            if found is not None and not _cheap(found[1]):
+            if found is not None and not cheap(found[1]):
                 return Live.every(f"{what} with an index set that takes heavy compute (checking it on every new "
                                   "input would cost more than it saves)", selector=True)
             if found is None:
@@ -213,16 +213,6 @@ class Liveness:
                 return Live.every("advanced indexing", selector=True)
             dim += 1
         return self.rows(user, new_axis + (axis - dim), length)
-
-
-HEAVY = {"matmul", "linear", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d", "sdpa", "softmax"}
-MAX_CHECK_OPS = 32
-
-
-def _cheap(prefix: fx.GraphModule) -> bool:
-    """An index set re-checked once per distinct input must be cheap to recompute: a few elementwise ops."""
-    ops = [n for n in prefix.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-    return len(ops) <= MAX_CHECK_OPS and not any(call_name(n) in HEAVY or n.op == "call_module" for n in ops)
 
 
 def _static_value(n: Any, consumer: fx.Node):

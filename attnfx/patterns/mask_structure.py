@@ -6,9 +6,14 @@ What it matches
       * static — the mask is computed in the graph from constants and static shapes only
         (``arange``/comparisons/``tril``/``ones``/slicing...): it is evaluated once at compile time,
         classified (``attnfx.masks.classify``) and the plan is baked into the graph as plain torch ops;
-      * runtime — the mask is, or is computed from, graph inputs (tensors, parameters/buffers, symbolic
-        sizes): the call becomes ``attnfx::structured_attention``, which classifies each distinct mask
-        once and caches the plan keyed on those inputs (see ``attnfx/runtime``).
+      * specialized — the mask is, or is computed cheaply from, graph tensor inputs and the shapes are
+        static: it is read from the example call at compile time and the plan is baked in as for a static
+        mask, behind a guard (``attnfx.runtime.guards``): each call checks, once per distinct mask tensor
+        (cached), that its mask equals that one, and otherwise runs the graph compiled with the run-time op
+        below (option ``specialize=False`` goes there directly);
+      * runtime — otherwise (symbolic sizes, masks computed with heavy ops, the general graph): the call
+        becomes ``attnfx::structured_attention``, which classifies each distinct mask once and caches the
+        plan keyed on those inputs (see ``attnfx/runtime``).
     A mask computed from random ops is refused.
 
 Why the rewrite is exact
@@ -35,10 +40,12 @@ import torch.fx as fx
 from attnfx.backends import capabilities, execute
 from attnfx.backends import sdpa as sdpa_backend
 from attnfx.masks import Analysis, classify
-from attnfx.patterns._static import dependencies, evaluate
+from attnfx.patterns._static import cheap, dependencies, evaluate, input_names, runtime_value
 from attnfx.rewriter.graph import fake, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
 from attnfx.runtime import ops
+from attnfx.runtime.guards import Guard
+from attnfx.runtime.guards import add as add_guard
 
 NAME = "mask_structure"
 
@@ -89,16 +96,26 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     forced = ctx.options.kernel
     call_args = (args["query"], args["key"], args["value"])
 
-    if not tensors and not ints and forced != "flex" and not ctx.options.autotune:
+    value, how = None, "static"
+    if forced != "flex" and not ctx.options.autotune:
+        if not tensors and not ints:
+            value = evaluate(mask, node)
+        elif not ints and all(isinstance(d, int) for d in (*q.shape, *k.shape)):
+            value, how = _specialize(mask, node, ctx, site)
+    if value is not None:
         batch = q.shape[0] if q.dim() == 4 else 1
-        analysis = classify(evaluate(mask, node), batch, q.shape[-3], q.shape[-2], k.shape[-2])
+        analysis = classify(value, batch, q.shape[-3], q.shape[-2], k.shape[-2])
         plan = ops.decide(analysis, no_key_rows, batch, q.shape[-2], k.shape[-2], q.device, q.dtype, q.shape[-1],
                           forced)
-        if plan.kernel is None:
+        if plan.kernel is None and how == "static":
             return Outcome.refuse(plan.why, **({"mask": _mask_detail(analysis, "static")} if analysis else {}))
+    if value is not None and plan.kernel is not None:
+        if how != "static":
+            add_guard(ctx.guards, how, site.record)
         target: Any = StaticPlan(analysis, plan.kernel, plan.fill)
         new_args, new_kwargs = call_args, {"scale": args["scale"], "enable_gqa": bool(args["enable_gqa"])}
-        detail = {**_mask_detail(analysis, "static"), "kernel": plan.kernel, "why": plan.why}
+        detail = {**_mask_detail(analysis, "static" if how == "static" else "specialized"), "kernel": plan.kernel,
+                  "why": plan.why}
     else:
         record = site.record
         namespace = (ctx.uid, mask.name)  # every site using this mask node shares its plans
@@ -122,6 +139,22 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     name = "attnfx::structured_attention" if detail["analysis"] == "runtime" else target.__name__
     return Outcome(rewritten=True, target=name, node=new, output=new if site.output is node else None,
                    details={"mask": detail, "original_kernel": original or "unknown"}, replaced=[mask])
+
+
+def _specialize(mask: fx.Node, node: fx.Node, ctx: Any, site: Site) -> tuple[torch.Tensor | None, Any]:
+    """A mask passed in (or computed cheaply from inputs): its value at the example call, and the guard that
+    keeps the plan built from it exact — the mask equal to that value, checked once per distinct tensor."""
+    found = runtime_value(mask, node, getattr(ctx, "example_inputs", None))
+    if found is None or not cheap(found[1]):
+        return None, None
+    value, prefix, inputs = found
+    example = value.clone()
+
+    def holds(v: torch.Tensor) -> bool:
+        return v.shape == example.shape and v.dtype == example.dtype and torch.equal(v, example)
+
+    return value, Guard(f"the mask computed from {input_names(prefix)}", prefix, inputs, holds,
+                        "equal to the mask the graph was specialized on", key=("mask", mask.name))
 
 
 def _mask_detail(analysis: Analysis, how: str) -> dict[str, Any]:

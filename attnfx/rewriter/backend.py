@@ -52,7 +52,8 @@ class Backend:
         start = time.perf_counter()
         guards: list = []
         try:
-            sites = run_passes(gm, self.options, index, self.layers, example_inputs=example_inputs, guards=guards)
+            sites = run_passes(gm, self.options, index, self.layers, guards=guards,
+                               example_inputs=example_inputs if self.options.specialize else None)
         except Exception as exc:
             if self.options.strict:
                 raise

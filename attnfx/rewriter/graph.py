@@ -236,14 +236,24 @@ _SIDE_EFFECTS = frozenset({operator.setitem, operator.iadd, operator.isub, opera
                            operator.iand, operator.ior})
 
 
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether a call writes into one of its operands: ``x.add_(y)``, ``x[i] = y``, ``x += y``, ``out=``.
+    (``operator.and_``/``or_`` are the plain ``&``/``|``, not in-place ones.)"""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target in _SIDE_EFFECTS or "out" in node.kwargs:
+        return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return False
+    name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", ""))
+    return name.endswith("_") and not name.startswith("__")
+
+
 def is_pure(node: fx.Node) -> bool:
     """Whether erasing an unused node cannot change what the graph does: no in-place or effectful op."""
     if node.op not in ("call_function", "call_method") or node.is_impure():
         return False
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if str(name).endswith("_") or node.target in _SIDE_EFFECTS:
-        return False
-    return "out" not in node.kwargs
+    return not writes_in_place(node)
 
 
 def erase_unused(nodes: Iterable[fx.Node]) -> int:

@@ -34,6 +34,7 @@ class Options:
     kernel: str | None = None  # force the kernel of structured (mask_structure) sites, e.g. "varlen.reference"
     autotune: bool = False  # time the exact kernels for each distinct mask once, keep the fastest
     cache_invariants: bool = True  # compute once what every call recomputes from unchanged inputs
+    specialize: bool = True  # specialize on masks / index sets passed in, checked once per distinct tensor
     npu: bool = False  # run SDPA sites on Ascend's fused infer attention (needs torch_npu)
     npu_fp8: bool = False  # ... with online FP8 (implies npu)
     skip_steps: str = ""  # "0-2,4": denoising steps that stay in native precision
@@ -80,7 +81,7 @@ class Options:
             except ValueError as e:
                 raise OptionsError(str(e)) from None
             merged[name] = merged.get(name) or ""
-        for name in ("verify", "strict", "cache_invariants", "npu", "npu_fp8", "autotune"):
+        for name in ("verify", "strict", "cache_invariants", "specialize", "npu", "npu_fp8", "autotune"):
             if not isinstance(merged.get(name, False), bool):
                 raise OptionsError(f"{name} must be True or False, not {merged[name]!r}")
         kernel = merged.get("kernel")
