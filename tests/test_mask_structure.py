@@ -160,6 +160,31 @@ def test_specialized_on_the_mask_passed_in(name):
     assert any("structured_attention" in t for t in general)
 
 
+def test_masks_that_change_every_call_stop_being_checked():
+    q, k, v = qkv(2, 8, 8)
+    c = Compiled(gqa_sdpa)
+    for i in range(7):  # left padding with a different length each call: a new mask every time
+        mask = Padding((8, 7 - i % 4), "left", "top_left").materialize(8, 8).expand(2, 1, 8, 8).contiguous()
+        assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
+    (guard,) = c.sites[0].details["specialized_on"]
+    assert guard["checked"] == 4 and "stopped" in guard  # then the run-time op alone, no more checks
+
+
+def test_gradients_through_a_specialized_plan():
+    structure, batch, q_len, kv_len = STRUCTURES["padding_right_causal"]
+    mask = structure.materialize(q_len, kv_len).expand(batch, 1, q_len, kv_len)
+    q, k, v = qkv(batch, q_len, kv_len, requires_grad=True)
+    c = Compiled(gqa_sdpa)
+    c(q, k, v, mask).square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    gqa_sdpa(q, k, v, mask).square().sum().backward()
+    assert c.sites[0].details["mask"]["analysis"] == "specialized"
+    for a, e in zip(grads, (q.grad, k.grad, v.grad)):
+        assert_same(a, e)
+
+
 @pytest.mark.parametrize("kernel", ["varlen.reference", "reference", "sdpa.split"])
 @pytest.mark.parametrize("name", ["padding_left_causal", "padding_right", "padding_right_causal", "block_diagonal",
                                   "block_diagonal_causal", "row_groups_hunyuan_step1", "causal_bottom_right"])
