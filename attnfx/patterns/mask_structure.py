@@ -9,8 +9,8 @@ What it matches
       * specialized — the mask is, or is computed cheaply from, graph tensor inputs and the shapes are
         static: it is read from the example call at compile time and the plan is baked in as for a static
         mask, behind a guard (``attnfx.runtime.guards``): each call checks, once per distinct mask tensor
-        (cached), that its mask equals that one, and otherwise runs the graph compiled with the run-time op
-        below (option ``specialize=False`` goes there directly);
+        (cached), that its mask equals that one (a copy is held: masks up to 256 MiB), and otherwise runs
+        the graph compiled with the run-time op below (option ``specialize=False`` goes there directly);
       * runtime — otherwise (symbolic sizes, masks computed with heavy ops, the general graph): the call
         becomes ``attnfx::structured_attention``, which classifies each distinct mask once and caches the
         plan keyed on those inputs (see ``attnfx/runtime``).
@@ -48,6 +48,7 @@ from attnfx.runtime.guards import Guard
 from attnfx.runtime.guards import add as add_guard
 
 NAME = "mask_structure"
+MAX_HELD_MASK_BYTES = 256 << 20  # masks passed in up to this size are specialized on (a copy is held)
 
 
 
@@ -148,6 +149,8 @@ def _specialize(mask: fx.Node, node: fx.Node, ctx: Any, site: Site) -> tuple[tor
     if found is None or not cheap(found[1]):
         return None, None
     value, prefix, inputs = found
+    if value.numel() * value.element_size() > MAX_HELD_MASK_BYTES:
+        return None, None  # the check compares with a copy of the example mask: not for huge masks
     example = value.clone()
 
     def holds(v: torch.Tensor) -> bool:
