@@ -172,17 +172,26 @@ def _split_axes(node: fx.Node, a: int) -> dict | None:
     return {node.args[0]: a}
 
 
+def expand_index(index: Any, ndim: int) -> list:
+    """The index of ``x[index]`` with ``...`` expanded and full slices appended: one entry per dim of ``x``
+    (ints, slices, tensor nodes — one dim each, 1-D indices only), plus its ``None``s."""
+    idx = list(index) if isinstance(index, tuple) else [index]
+    used = sum(1 for e in idx if e is not None and e is not Ellipsis)
+    pos = next((i for i, e in enumerate(idx) if e is Ellipsis), None)
+    if pos is not None:
+        idx[pos:pos + 1] = [slice(None)] * (ndim - used)
+    return idx + [slice(None)] * (ndim - sum(1 for e in idx if e is not None))
+
+
+def _runtime_bounds(idx: list) -> bool:
+    return any(isinstance(e, slice) and any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)) for e in idx)
+
+
 def _getitem_axes(node: fx.Node, xt: torch.Tensor, o: int, rest: dict, x: fx.Node):
     """``x[idx]`` with basic indexing that leaves the input axis mapped to ``o`` whole."""
-    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    if any(isinstance(e, fx.Node) or (isinstance(e, slice) and any(isinstance(v, fx.Node) for v in
-                                                                    (e.start, e.stop, e.step))) for e in idx):
+    idx = expand_index(node.args[1], xt.dim())
+    if _runtime_bounds(idx) or any(isinstance(e, fx.Node) for e in idx):
         return None
-    if any(e is Ellipsis for e in idx):
-        pos = idx.index(Ellipsis)
-        n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
-        idx = idx[:pos] + (slice(None),) * (xt.dim() - n_real) + idx[pos + 1:]
-    idx = idx + (slice(None),) * (xt.dim() - sum(1 for e in idx if e is not None))
     dim, out_dim = 0, 0
     for e in idx:
         if e is None:
@@ -450,15 +459,10 @@ def _sliced(u: fx.Node, p: Part, start: int, stop: int, build) -> fx.Node | Part
 
 
 def _getitem(u: fx.Node, p: Part, src: torch.Tensor) -> fx.Node | Part | None:
-    idx = u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],)
-    tensors = [e for e in idx if isinstance(e, fx.Node)]
-    if any(isinstance(e, slice) and any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)) for e in idx):
+    idx = expand_index(u.args[1], src.dim())
+    if _runtime_bounds(idx):
         return None
-    if any(e is Ellipsis for e in idx):
-        pos = idx.index(Ellipsis)
-        n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
-        idx = idx[:pos] + (slice(None),) * (src.dim() - n_real) + idx[pos + 1:]
-    idx = list(idx) + [slice(None)] * (src.dim() - sum(1 for e in idx if e is not None))
+    tensors = [e for e in idx if isinstance(e, fx.Node)]
     dim, out_dim = 0, 0
     for i, e in enumerate(idx):
         if e is None:

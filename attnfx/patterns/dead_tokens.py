@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from attnfx.patterns._rows import Part, forward_axis, narrowed, sink
+from attnfx.patterns._rows import Part, expand_index, forward_axis, narrowed, sink
 from attnfx.patterns._static import cheap, dependencies, evaluate, input_names, runtime_value
 from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
@@ -184,10 +184,7 @@ class Liveness:
                                           found[2], holds, {"rows": [lo, hi]}),))
 
     def _getitem(self, user: fx.Node, nd: int, axis: int, length: int) -> Live:
-        idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
-        if any(e is Ellipsis for e in idx):
-            pos = idx.index(Ellipsis)
-            idx = idx[:pos] + (slice(None),) * (nd - (len(idx) - 1 - sum(e is None for e in idx))) + idx[pos + 1:]
+        idx = expand_index(user.args[1], nd)
         tensors = [e for e in idx if isinstance(e, fx.Node)]
         dim, new_axis = 0, 0
         for e in idx:
