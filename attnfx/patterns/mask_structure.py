@@ -154,7 +154,7 @@ def _specialize(mask: fx.Node, node: fx.Node, ctx: Any, site: Site) -> tuple[tor
     example = value.clone()
 
     def holds(v: torch.Tensor) -> bool:
-        return v.shape == example.shape and v.dtype == example.dtype and torch.equal(v, example)
+        return (v.shape, v.dtype, v.device) == (example.shape, example.dtype, example.device) and torch.equal(v, example)
 
     return value, Guard(f"the mask computed from {input_names(prefix)}", prefix, inputs, holds,
                         "equal to the mask the graph was specialized on", key=("mask", mask.name))
