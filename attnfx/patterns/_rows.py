@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from attnfx.rewriter.graph import aliases_input, arg, call_name, emit, fake, is_pure, known_eq, writes_in_place
+from attnfx.rewriter.graph import (aliases_input, alias_root, arg, call_name, emit, fake, is_pure, known_eq,
+                                   written_roots)
 
 UNARY = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "silu", "gelu",
          "relu", "tanh", "sigmoid", "neg", "exp", "rsqrt", "sqrt", "abs", "sin", "cos", "detach"}
@@ -247,23 +248,12 @@ def _narrow(graph: fx.Graph, x: fx.Node, axis: int, lo: int, length: int, like: 
     return emit(graph, "call_method", "narrow", (x, axis, lo, length), like=like)
 
 
-def _root(n: fx.Node) -> fx.Node:
-    while aliases_input(n):
-        n = n.args[0]
-    return n
-
-
-def _written_roots(graph: fx.Graph) -> set[fx.Node]:
-    return {_root(n.args[0]) for n in graph.nodes
-            if n.op in ("call_function", "call_method") and writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node)}
-
-
 def _safe_view(n: fx.Node, written: set[fx.Node]) -> bool:
     """A view in the region is rebuilt where it stood; if its memory is written in place before it is read,
     the rebuilt (possibly copied) value could differ: keep such views out."""
     if not aliases_input(n):
         return True
-    root = _root(n)
+    root = alias_root(n)
     if root in written:
         return False
     return not (root.op in ("placeholder", "get_attr") and any(w.op in ("placeholder", "get_attr") for w in written))
@@ -288,7 +278,7 @@ def narrowed(target: fx.Node, consumer: fx.Node, axis: int, lo: int, length: int
     (old node, its narrowed replacement) pairs."""
     graph = target.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    written = _written_roots(graph)
+    written = written_roots(graph)
     demand: dict[fx.Node, int | None] = {target: axis}
     inside: dict[fx.Node, int] = {target: 1}  # uses of a node by the region (or by the consumer's one use)
     region: list[fx.Node] = []

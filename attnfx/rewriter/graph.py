@@ -232,8 +232,10 @@ class RewriteError(RuntimeError):
     """A pattern's rewrite could not be built; the site is left as it was."""
 
 
-_SIDE_EFFECTS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                           operator.iand, operator.ior})
+_INPLACE_OPS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
+                "rshift")
+_SIDE_EFFECTS = frozenset({operator.setitem, *(getattr(operator, f"i{op}") for op in _INPLACE_OPS)})
+_INPLACE_DUNDERS = frozenset(f"__i{op}__" for op in _INPLACE_OPS)
 
 
 def writes_in_place(node: fx.Node) -> bool:
@@ -246,7 +248,20 @@ def writes_in_place(node: fx.Node) -> bool:
     if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
         return False
     name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", ""))
-    return name.endswith("_") and not name.startswith("__")
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+
+
+def alias_root(node: fx.Node) -> fx.Node:
+    """The node whose memory ``node`` views (itself when it is no view)."""
+    while aliases_input(node):
+        node = node.args[0]
+    return node
+
+
+def written_roots(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose memory the graph writes in place, directly or through views."""
+    return {alias_root(n.args[0]) for n in graph.nodes
+            if writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node)}
 
 
 def is_pure(node: fx.Node) -> bool:

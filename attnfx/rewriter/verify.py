@@ -5,13 +5,12 @@ rewritten side by side, compare every rewritten site's output and the graph's ou
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import aliases_input
+from attnfx.rewriter.graph import written_roots
 from attnfx.rewriter.options import Options
 from attnfx.rewriter.report import Report
 from attnfx.rewriter.site import Site
@@ -37,18 +36,7 @@ class _Capture(fx.Interpreter):
 def mutated_inputs(graph: fx.Graph) -> set[int]:
     """Indices of placeholders that the graph writes to in place (through views)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    out = set()
-    for n in graph.nodes:
-        inplace = (n.op == "call_method" and str(n.target).endswith("_")) or n.target in (
-            operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
-        if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
-            continue
-        base = n.args[0]
-        while aliases_input(base):
-            base = base.args[0]
-        if base.op == "placeholder":
-            out.add(placeholders.index(base))
-    return out
+    return {placeholders.index(root) for root in written_roots(graph) if root.op == "placeholder"}
 
 
 def _difference(expected: Any, actual: Any, options: Options) -> str | None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -43,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from attnfx.patterns._static import RANDOM, closure
-from attnfx.rewriter.graph import call_name, fake, numel_hint
+from attnfx.rewriter.graph import call_name, fake, numel_hint, writes_in_place
 from attnfx.rewriter.verify import mutated_inputs
 from attnfx.runtime.cache import InputCache, tensor_key
 
@@ -193,8 +192,7 @@ def _unsafe(n: fx.Node) -> bool:
         return True
     if n.op not in ("call_function", "call_method"):
         return False
-    name = call_name(n)
-    return name in RANDOM or name.endswith("_") or n.target is operator.setitem or "out" in n.kwargs
+    return call_name(n) in RANDOM or writes_in_place(n)
 
 
 class Variant:
