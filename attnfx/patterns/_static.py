@@ -8,6 +8,7 @@ used. Used by the patterns that read masks and index sets at compile time.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -54,7 +55,7 @@ def dependencies(mask: fx.Node, consumer: fx.Node) -> tuple[list[fx.Node], list[
     """The graph inputs a mask is computed from: (tensors, symbolic ints, why not usable)."""
     tensors, ints = [], []
     needed = closure(mask, consumer)
-    for n in sorted(needed, key=lambda n: list(mask.graph.nodes).index(n)):
+    for n in (n for n in mask.graph.nodes if n in needed):  # in graph order
         val = fake(n)
         if n.op in ("placeholder", "get_attr"):
             if isinstance(val, torch.SymInt):
@@ -67,18 +68,27 @@ def dependencies(mask: fx.Node, consumer: fx.Node) -> tuple[list[fx.Node], list[
     return tensors, ints, None
 
 
-def evaluate(mask: fx.Node, consumer: fx.Node, inputs: dict[fx.Node, object] | None = None) -> torch.Tensor:
-    """Run the nodes a mask is made of (in-place writes included), now; graph inputs it reads from ``inputs``."""
-    prefix, placeholders = extract(mask, consumer)
-    unset = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
-    with (unset() if unset is not None else torch.no_grad()), torch.no_grad():
-        return prefix(*[(inputs or {})[p] for p in placeholders])
+def evaluate(mask: fx.Node, consumer: fx.Node) -> torch.Tensor:
+    """Run the nodes a mask that reads no graph input is made of (in-place writes included), now."""
+    prefix, _ = extract(mask, consumer)
+    return _run(prefix, [])
 
 
-def extract(mask: fx.Node, consumer: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+def constant_value(n: Any, consumer: fx.Node) -> Any:
+    """``n``'s value as ``consumer`` sees it when it reads no graph input (evaluated now), else None."""
+    if not isinstance(n, fx.Node):
+        return n
+    tensors, ints, problem = dependencies(n, consumer)
+    if tensors or ints or problem:
+        return None
+    return evaluate(n, consumer)
+
+
+def extract(mask: fx.Node, consumer: fx.Node, needed: set[fx.Node] | None = None
+            ) -> tuple[fx.GraphModule, list[fx.Node]]:
     """A small graph computing ``mask`` as ``consumer`` sees it, and the graph inputs it takes (in order)."""
     gm = mask.graph.owning_module
-    needed = closure(mask, consumer)
+    needed = closure(mask, consumer) if needed is None else needed
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     placeholders = []
@@ -91,6 +101,13 @@ def extract(mask: fx.Node, consumer: fx.Node) -> tuple[fx.GraphModule, list[fx.N
     return fx.GraphModule(gm, sub), placeholders
 
 
+def _run(prefix: fx.GraphModule, values: list) -> Any:
+    """Run a prefix graph on real values, outside the fake mode Dynamo compiles under."""
+    unset = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
+    with (unset() if unset is not None else torch.no_grad()), torch.no_grad():
+        return prefix(*values)
+
+
 def runtime_value(node: fx.Node, consumer: fx.Node, example_inputs) -> tuple[torch.Tensor, fx.GraphModule, list[int]] | None:
     """A value computed from graph tensor inputs alone, with no in-place write or random op on the way:
     its value for the example inputs, the graph computing it, and the input positions that graph takes.
@@ -101,14 +118,12 @@ def runtime_value(node: fx.Node, consumer: fx.Node, example_inputs) -> tuple[tor
     needed = closure(node, consumer)
     if any(n.op in ("call_function", "call_method") and (writes_in_place(n) or call_name(n) in RANDOM) for n in needed):
         return None
-    prefix, used = extract(node, consumer)
+    prefix, used = extract(node, consumer, needed)
     positions = [placeholders.index(p) for p in used]
     values = [example_inputs[i] for i in positions]
     if not all(isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor) for v in values):
         return None
-    unset = getattr(torch._subclasses.fake_tensor, "unset_fake_temporarily", None)
-    with (unset() if unset is not None else torch.no_grad()), torch.no_grad():
-        value = prefix(*values)
+    value = _run(prefix, values)
     return (value, prefix, positions) if isinstance(value, torch.Tensor) else None
 
 

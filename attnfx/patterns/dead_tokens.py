@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 
 from attnfx.patterns._rows import Part, expand_index, forward_axis, narrowed, sink
-from attnfx.patterns._static import cheap, dependencies, evaluate, input_names, runtime_value
+from attnfx.patterns._static import cheap, constant_value, input_names, runtime_value
 from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
 from attnfx.runtime.guards import Guard
@@ -162,20 +162,19 @@ class Liveness:
 
     def _indexed(self, user: fx.Node, index: Any, kind: str, shape, axis: int, what: str) -> Live:
         shape = tuple(hint(d) for d in shape)
-        value, found = _static_value(index, user), None
-        if value is None and isinstance(index, fx.Node):
-            found = runtime_value(index, user, self.example_inputs)
-            if found is not None and not cheap(found[1]):
-                return Live.every(f"{what} with an index set that takes heavy compute (checking it on every new "
-                                  "input would cost more than it saves)", selector=True)
+        value, found = constant_value(index, user), None
+        if value is None:
+            found = runtime_value(index, user, self.example_inputs) if isinstance(index, fx.Node) else None
             if found is None:
                 return Live.every(f"{what} with an index set not computed from graph inputs alone", selector=True)
+            if not cheap(found[1]):
+                return Live.every(f"{what} with an index set that takes heavy compute (checking it on every new "
+                                  "input would cost more than it saves)", selector=True)
             value = found[0]
-        if value is None:
-            return Live.every(f"{what} with an index set not computed from graph inputs alone", selector=True)
         lo, hi = rows_read(kind, value, shape, axis)
         if found is None:
             return Live(lo, hi)
+
         def holds(v: torch.Tensor, kind=kind, shape=shape, axis=axis, lo=lo, hi=hi) -> bool:
             a, b = rows_read(kind, v, shape, axis)
             return a >= b or (lo <= a and b <= hi)
@@ -212,15 +211,6 @@ class Liveness:
         return self.rows(user, new_axis + (axis - dim), length)
 
 
-def _static_value(n: Any, consumer: fx.Node):
-    if not isinstance(n, fx.Node):
-        return n
-    tensors, ints, problem = dependencies(n, consumer)
-    if tensors or ints or problem:
-        return None
-    return evaluate(n, consumer)
-
-
 def rewrite(site: Site, ctx: Any) -> Outcome | None:
     node = site.node
     if op_name(node) != "sdpa":
@@ -234,7 +224,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     lo, hi = (0, q_len) if live.all else (live.lo, live.hi)
     mask = args["attn_mask"]
     m = fake(mask) if isinstance(mask, fx.Node) else None
-    static_mask = _static_value(mask, node) if m is not None else None
+    static_mask = constant_value(mask, node) if m is not None else None
     c0, c1 = 0, kv_len
     if static_mask is not None and hi > lo:
         allowed = static_mask if static_mask.dtype == torch.bool else static_mask > float("-inf")
@@ -242,7 +232,8 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         cols = allowed.reshape(-1, allowed.shape[-2], kv_len).any(0).any(0).nonzero()
         if cols.numel():
             c0, c1 = int(cols.min()), int(cols.max()) + 1
-    if (lo, hi) == (0, q_len) and (c0, c1) == (0, kv_len):
+    rows_dead, keys_dead = (lo, hi) != (0, q_len), (c0, c1) != (0, kv_len)
+    if not rows_dead and not keys_dead:
         if live.selector:  # the output is selected from, but which rows could not be proven
             return Outcome.refuse(f"every query row counts as read: {live.why}")
         return None
@@ -253,31 +244,31 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0):
         return Outcome.refuse(f"dropout_p={args['dropout_p']}")
 
-    guards = live.guards if (lo, hi) != (0, q_len) else ()
+    guards = live.guards if rows_dead else ()
     for g in guards:
         add_guard(ctx.guards, g, site.record)
 
     graph = node.graph
     upstream: list[fx.Node] = []
-    if (lo, hi) != (0, q_len):
+    if rows_dead:
         args["query"], pairs = narrowed(args["query"], node, row_axis, lo, hi - lo)
         upstream += pairs
-    if (c0, c1) != (0, kv_len):
+    if keys_dead:
         for name in ("key", "value"):
             args[name], pairs = narrowed(args[name], node, fake(args[name]).dim() - 2, c0, c1 - c0)
             upstream += pairs
     with graph.inserting_before(node):
         if m is not None:
-            if (lo, hi) != (0, q_len) and m.dim() >= 2 and not known_eq(m.shape[-2], 1):
+            if rows_dead and m.dim() >= 2 and not known_eq(m.shape[-2], 1):
                 mask = emit(graph, "call_method", "narrow", (mask, -2, lo, hi - lo), like=node)
-            if (c0, c1) != (0, kv_len) and not known_eq(m.shape[-1], 1):
+            if keys_dead and not known_eq(m.shape[-1], 1):
                 mask = emit(graph, "call_method", "narrow", (mask, -1, c0, c1 - c0), like=node)
             args["attn_mask"] = mask
         kwargs = {k: args[k] for k in SDPA_ARGS[3:] if k in args}
         new = emit(graph, "call_function", node.target, (args["query"], args["key"], args["value"]), kwargs,
                    like=node)
     downstream, replaced = [], [node]
-    if (lo, hi) != (0, q_len):
+    if rows_dead:
         downstream, replaced = sink(node, Part(new, row_axis, lo, hi, q_len))
     else:
         node.replace_all_uses_with(new)
@@ -287,11 +278,11 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
         batch *= hint(s)
     dead_pairs = q_len * kv_len - (hi - lo) * (c1 - c0)
     how = []
-    if (lo, hi) != (0, q_len):
+    if rows_dead:
         how.append(f"only query rows [{lo}, {hi}) are read")
     if guards:
         how.append("the rows an index set passed in reads are checked per distinct index tensor")
-    if (c0, c1) != (0, kv_len):
+    if keys_dead:
         how.append(f"no read row may attend keys outside [{c0}, {c1})")
     return Outcome(
         rewritten=True, node=new, output=new if site.output is node else None, replaced=replaced + [old for old, _ in upstream],

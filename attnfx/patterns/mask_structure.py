@@ -97,25 +97,27 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     forced = ctx.options.kernel
     call_args = (args["query"], args["key"], args["value"])
 
-    value, how = None, "static"
+    value, guard, plan = None, None, None  # guard: the mask is passed in and the plan is specialized on it
     if forced != "flex" and not ctx.options.autotune:
         if not tensors and not ints:
             value = evaluate(mask, node)
         elif not ints and all(isinstance(d, int) for d in (*q.shape, *k.shape)):
-            value, how = _specialize(mask, node, ctx, site)
+            value, guard = _specialize(mask, node, ctx)
     if value is not None:
         batch = q.shape[0] if q.dim() == 4 else 1
         analysis = classify(value, batch, q.shape[-3], q.shape[-2], k.shape[-2])
         plan = ops.decide(analysis, no_key_rows, batch, q.shape[-2], k.shape[-2], q.device, q.dtype, q.shape[-1],
                           forced)
-        if plan.kernel is None and how == "static":
-            return Outcome.refuse(plan.why, **({"mask": _mask_detail(analysis, "static")} if analysis else {}))
-    if value is not None and plan.kernel is not None:
-        if how != "static":
-            add_guard(ctx.guards, how, site.record)
+        if plan.kernel is None:
+            if guard is None:
+                return Outcome.refuse(plan.why, **({"mask": _mask_detail(analysis, "static")} if analysis else {}))
+            plan = None  # nothing better for this mask passed in: the run-time op decides per mask
+    if plan is not None:
+        if guard is not None:
+            add_guard(ctx.guards, guard, site.record)
         target: Any = StaticPlan(analysis, plan.kernel, plan.fill)
         new_args, new_kwargs = call_args, {"scale": args["scale"], "enable_gqa": bool(args["enable_gqa"])}
-        detail = {**_mask_detail(analysis, "static" if how == "static" else "specialized"), "kernel": plan.kernel,
+        detail = {**_mask_detail(analysis, "static" if guard is None else "specialized"), "kernel": plan.kernel,
                   "why": plan.why}
     else:
         record = site.record
@@ -142,7 +144,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
                    details={"mask": detail, "original_kernel": original or "unknown"}, replaced=[mask])
 
 
-def _specialize(mask: fx.Node, node: fx.Node, ctx: Any, site: Site) -> tuple[torch.Tensor | None, Any]:
+def _specialize(mask: fx.Node, node: fx.Node, ctx: Any) -> tuple[torch.Tensor | None, Guard | None]:
     """A mask passed in (or computed cheaply from inputs): its value at the example call, and the guard that
     keeps the plan built from it exact — the mask equal to that value, checked once per distinct tensor."""
     found = runtime_value(mask, node, getattr(ctx, "example_inputs", None))
