@@ -218,6 +218,21 @@ def test_a_value_read_elsewhere_is_computed_whole():
     assert c.sites[0].details["dead_tokens"]["queries"] == 4
 
 
+def test_queries_that_are_a_piece_of_a_split_read_elsewhere():
+    """q, k, v unbound from one fused projection: q's piece is narrowed as a view, the projection stays whole."""
+    w = torch.randn(48, 16)
+
+    def f(x):
+        q, k, v = F.linear(x, w).view(1, 6, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)[:, :, 4:]
+
+    x = torch.randn(1, 6, 16)
+    c = Compiled(f)
+    assert_same(c(x), f(x))
+    assert c.sites[0].details["dead_tokens"]["queries"] == 4 and rows_of(c, "linear") == [6]
+    assert attention_inputs(c) == (2, 6)
+
+
 def test_a_view_written_in_place_before_the_attention_is_not_moved():
     def f(x, k, v):
         h = x * 2

@@ -184,6 +184,26 @@ def expand_index(index: Any, ndim: int) -> list:
     return idx + [slice(None)] * (ndim - sum(1 for e in idx if e is not None))
 
 
+def index_dims(idx: list):
+    """For each entry of an expanded index: (entry, the input dim it indexes — None for a ``None`` entry —,
+    the output dim it leaves — None for an int). Output dims are only tracked up to the first tensor entry
+    (advanced indexing may move the dims after it): None from there on."""
+    dim, out = 0, 0
+    for e in idx:
+        if isinstance(e, fx.Node):
+            out = None
+        if e is None:
+            yield e, None, out
+        elif isinstance(e, slice):
+            yield e, dim, out
+            dim += 1
+        else:
+            yield e, dim, None
+            dim += 1
+            continue
+        out = None if out is None else out + 1
+
+
 def _runtime_bounds(idx: list) -> bool:
     return any(isinstance(e, slice) and any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)) for e in idx)
 
@@ -191,36 +211,31 @@ def _runtime_bounds(idx: list) -> bool:
 def _getitem_axes(node: fx.Node, xt: torch.Tensor, o: int, rest: dict, x: fx.Node):
     """``x[idx]`` with basic indexing that leaves the input axis mapped to ``o`` whole."""
     idx = expand_index(node.args[1], xt.dim())
-    if _runtime_bounds(idx) or any(isinstance(e, fx.Node) for e in idx):
+    if _runtime_bounds(idx) or not all(e is None or isinstance(e, (int, slice)) for e in idx):
         return None
-    dim, out_dim = 0, 0
-    for e in idx:
-        if e is None:
-            out_dim += 1
-            continue
-        if isinstance(e, int):
-            dim += 1
-            continue
-        if not isinstance(e, slice):
-            return None
-        if out_dim == o:
-            return {**rest, x: dim} if e == slice(None) or (e.start in (None, 0) and e.stop is None
-                                                          and e.step in (None, 1)) else None
-        out_dim += 1
-        dim += 1
+    for e, dim, out in index_dims(idx):
+        if out == o:
+            full = isinstance(e, slice) and e.start in (None, 0) and e.stop is None and e.step in (None, 1)
+            return {**rest, x: dim} if full else None
     return None
 
 
-def forward_axis(node: fx.Node, src: fx.Node, axis: int) -> int | None:
-    """The output axis of ``node`` whose rows are ``src``'s rows along ``axis``, if node is row-wise in them."""
+def forward(node: fx.Node, src: fx.Node, axis: int) -> tuple[int, dict] | None:
+    """The output axis of ``node`` whose rows are ``src``'s rows along ``axis`` and its ``input_axes``, if
+    ``node`` is row-wise in them."""
     out = fake(node)
     if not isinstance(out, torch.Tensor):
         return None
     for o in range(out.dim()):
         m = input_axes(node, o)
         if m is not None and m.get(src) == axis:
-            return o
+            return o, m
     return None
+
+
+def forward_axis(node: fx.Node, src: fx.Node, axis: int) -> int | None:
+    found = forward(node, src, axis)
+    return None if found is None else found[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,13 +249,11 @@ def _rebuild(node: fx.Node, new: dict[fx.Node, fx.Node], o: int, length: int) ->
     kwargs = fx.node.map_arg(node.kwargs, lambda n: new.get(n, n))
     name = call_name(node)
     if name in ("reshape", "expand"):
-        sizes = args[1:] if not isinstance(args[1], (list, tuple)) else args[1]
-        sizes = list(sizes)
+        sizes = list(args[1] if isinstance(args[1], (list, tuple)) else args[1:])
         sizes[o] = length
-        args = (args[0], tuple(sizes))
-        if node.op == "call_function":
-            return emit(graph, "call_function", node.target, args, kwargs, like=node)
-        return emit(graph, "call_method", "reshape" if name == "reshape" else "expand", args, kwargs, like=node)
+        # x.view(...) is rebuilt as x.reshape(...): a narrowed input need not be viewable
+        target = node.target if node.op == "call_function" else name
+        return emit(graph, node.op, target, (args[0], tuple(sizes)), kwargs, like=node)
     return emit(graph, node.op, node.target, args, kwargs, like=node)
 
 
@@ -281,7 +294,7 @@ def narrowed(target: fx.Node, consumer: fx.Node, axis: int, lo: int, length: int
     written = written_roots(graph)
     demand: dict[fx.Node, int | None] = {target: axis}
     inside: dict[fx.Node, int] = {target: 1}  # uses of a node by the region (or by the consumer's one use)
-    region: list[fx.Node] = []
+    region: dict[fx.Node, dict] = {}  # member -> its input_axes
     heap = [(-order[target], target)]
     seen = set()
     while heap:
@@ -296,7 +309,7 @@ def narrowed(target: fx.Node, consumer: fx.Node, axis: int, lo: int, length: int
         axes = input_axes(n, a)
         if axes is None:
             continue
-        region.append(n)
+        region[n] = axes
         for p, pa in axes.items():
             if pa is None:
                 continue
@@ -306,29 +319,27 @@ def narrowed(target: fx.Node, consumer: fx.Node, axis: int, lo: int, length: int
                 demand[p] = pa
             inside[p] = inside.get(p, 0) + _uses(n, p)
             heapq.heappush(heap, (-order[p], p))
-    if not region:
+    # a piece of a split whose other pieces are read elsewhere: the piece, not the tuple, is narrowed
+    members = sorted((n for n in region if not (n.args and isinstance(n.args[0], fx.Node) and
+                                                isinstance(fake(n.args[0]), (tuple, list)) and n.args[0] not in region)),
+                     key=order.get)
+    if target not in members:  # nothing only this use reads (or the target itself is such a piece): a view
         with graph.inserting_before(consumer):
             return _narrow(graph, target, axis, lo, length, consumer), []
-    members = set(region)
-    # a piece of a split whose other pieces are read elsewhere: the piece, not the tuple, is narrowed
-    members -= {n for n in region if n.args and isinstance(n.args[0], fx.Node)
-                and isinstance(fake(n.args[0]), (tuple, list)) and n.args[0] not in members}
-    region = [n for n in region if n in members]
     new: dict[fx.Node, fx.Node] = {}
     leaves: dict[tuple[fx.Node, int], fx.Node] = {}
-    for n in sorted(region, key=order.get):
-        axes = input_axes(n, demand[n])
+    for n in members:
         sub = {}
         with graph.inserting_before(n):
-            for p, pa in axes.items():
-                if p in members:
+            for p, pa in region[n].items():
+                if p in new:
                     sub[p] = new[p]
                 elif pa is not None:
                     if (p, pa) not in leaves:
                         leaves[(p, pa)] = _narrow(graph, p, pa, lo, length, n)
                     sub[p] = leaves[(p, pa)]
             new[n] = _rebuild(n, sub, demand[n], length)
-    return new[target], [(n, new[n]) for n in sorted(region, key=order.get)]
+    return new[target], [(n, new[n]) for n in members]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,10 +399,10 @@ def _row_wise(u: fx.Node, ins: list[fx.Node], parts: dict[fx.Node, Part], upstre
     first = parts[ins[0]]
     if any((parts[p].lo, parts[p].hi, parts[p].full) != (first.lo, first.hi, first.full) for p in ins):
         return None
-    o = forward_axis(u, ins[0], first.axis)
-    if o is None:
+    found = forward(u, ins[0], first.axis)
+    if found is None:
         return None
-    axes = input_axes(u, o)
+    o, axes = found
     if any(axes.get(p) != parts[p].axis for p in ins):
         return None
     n = first.hi - first.lo
@@ -453,44 +464,36 @@ def _getitem(u: fx.Node, p: Part, src: torch.Tensor) -> fx.Node | Part | None:
     if _runtime_bounds(idx):
         return None
     tensors = [e for e in idx if isinstance(e, fx.Node)]
-    dim, out_dim = 0, 0
-    for i, e in enumerate(idx):
-        if e is None:
-            out_dim += 1
+    for i, (e, dim, out_dim) in enumerate(index_dims(idx)):
+        if dim != p.axis:
+            if dim is not None and not isinstance(e, (int, slice)):
+                return None  # advanced indexing before the rows
             continue
-        if dim == p.axis:
-            if isinstance(e, int):
-                r = e + p.full if e < 0 else e
-                if not p.lo <= r < p.hi:
-                    return None
-                idx[i] = r - p.lo
-                return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
-            if isinstance(e, fx.Node) and tensors == [e] and (fake(e).dtype != torch.bool or fake(e).dim() == 1):
-                # rows picked by a boolean or integer index
-                n = p.hi - p.lo
-                if fake(e).dtype == torch.bool:
-                    idx[i] = _narrow(u.graph, e, 0, p.lo, n, u)
-                else:  # negative indices count from the full length
-                    idx[i] = emit(u.graph, "call_function", torch.sub,
-                                  (emit(u.graph, "call_function", torch.remainder, (e, p.full), like=u), p.lo), like=u)
-                return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
-            if not isinstance(e, slice) or e.step not in (None, 1):
+        if isinstance(e, int):
+            r = e + p.full if e < 0 else e
+            if not p.lo <= r < p.hi:
                 return None
-            start, stop, _ = e.indices(p.full)
-
-            def build(a: int, b: int, i=i) -> fx.Node:
-                idx[i] = slice(a, b)
-                return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
-
-            result = _sliced(u, p, start, stop, build)
-            if isinstance(result, Part):
-                result.axis = out_dim
-            return result
-        if isinstance(e, fx.Node):
+            idx[i] = r - p.lo
+            return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
+        if isinstance(e, fx.Node) and tensors == [e] and (fake(e).dtype != torch.bool or fake(e).dim() == 1):
+            # rows picked by a boolean or integer index
+            n = p.hi - p.lo
+            if fake(e).dtype == torch.bool:
+                idx[i] = _narrow(u.graph, e, 0, p.lo, n, u)
+            else:  # negative indices count from the full length
+                idx[i] = emit(u.graph, "call_function", torch.sub,
+                              (emit(u.graph, "call_function", torch.remainder, (e, p.full), like=u), p.lo), like=u)
+            return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
+        if not isinstance(e, slice) or e.step not in (None, 1):
             return None
-        if isinstance(e, slice):
-            out_dim += 1
-        elif not isinstance(e, int):
-            return None
-        dim += 1
+        start, stop, _ = e.indices(p.full)
+
+        def build(a: int, b: int, i=i) -> fx.Node:
+            idx[i] = slice(a, b)
+            return emit(u.graph, "call_function", u.target, (p.new, tuple(idx)), like=u)
+
+        result = _sliced(u, p, start, stop, build)
+        if isinstance(result, Part):
+            result.axis = out_dim
+        return result
     return None

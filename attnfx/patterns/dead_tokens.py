@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from attnfx.patterns._rows import Part, expand_index, forward_axis, narrowed, sink
+from attnfx.patterns._rows import Part, expand_index, forward_axis, index_dims, narrowed, sink
 from attnfx.patterns._static import cheap, constant_value, input_names, runtime_value
 from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint, op_name, sdpa_args
 from attnfx.rewriter.site import Outcome, Site
@@ -185,30 +185,24 @@ class Liveness:
     def _getitem(self, user: fx.Node, nd: int, axis: int, length: int) -> Live:
         idx = expand_index(user.args[1], nd)
         tensors = [e for e in idx if isinstance(e, fx.Node)]
-        dim, new_axis = 0, 0
-        for e in idx:
-            if e is None:
-                new_axis += 1
+        for e, dim, out in index_dims(idx):
+            if dim != axis:
+                if dim is not None and not isinstance(e, (int, slice)):
+                    return Live.every("advanced indexing", selector=True)
                 continue
-            if dim == axis:
-                if isinstance(e, slice) and e.step in (None, 1) and not isinstance(e.start, fx.Node) \
-                        and not isinstance(e.stop, fx.Node):
-                    return self._slice(user, new_axis, length, e)
-                if isinstance(e, int):
-                    i = e + length if e < 0 else e
-                    return Live(i, i + 1)
-                if isinstance(e, fx.Node) and tensors == [e] and isinstance(fake(e), torch.Tensor) \
-                        and (fake(e).dtype != torch.bool or fake(e).dim() == 1):
-                    shape = fake(user.args[0]).shape
-                    return self._indexed(user, e, "bool" if fake(e).dtype == torch.bool else "index", shape, axis,
-                                         "indexing")
-                return Live.every("rows indexed by a tensor along with other tensors", selector=True)
-            if isinstance(e, slice):
-                new_axis += 1
-            elif not isinstance(e, int):
-                return Live.every("advanced indexing", selector=True)
-            dim += 1
-        return self.rows(user, new_axis + (axis - dim), length)
+            if isinstance(e, slice) and e.step in (None, 1) and not isinstance(e.start, fx.Node) \
+                    and not isinstance(e.stop, fx.Node):
+                return self._slice(user, out, length, e)
+            if isinstance(e, int):
+                i = e + length if e < 0 else e
+                return Live(i, i + 1)
+            if isinstance(e, fx.Node) and tensors == [e] and isinstance(fake(e), torch.Tensor) \
+                    and (fake(e).dtype != torch.bool or fake(e).dim() == 1):
+                shape = fake(user.args[0]).shape
+                return self._indexed(user, e, "bool" if fake(e).dtype == torch.bool else "index", shape, axis,
+                                     "indexing")
+            return Live.every("rows indexed by a tensor along with other tensors", selector=True)
+        return Live.every("an index that does not reach the rows")
 
 
 def rewrite(site: Site, ctx: Any) -> Outcome | None:
