@@ -152,16 +152,24 @@ def _overwrite(c: _Call, segs: list[Segment], big: Segment) -> torch.Tensor:
     with its keys, which is wrong for them) are then overwritten in place — no concatenation copy."""
     q_len = c.q.shape[-2]
     out = c.sdpa(Segment(0, q_len, big.k0, big.k1))
+    for r0, r1, s in _row_pieces(segs, q_len):
+        if s is None:
+            out[..., r0:r1, :] = c.gap(r0, r1, None)
+        elif s is not big:
+            out[..., r0:r1, :] = c.sdpa(s)
+    return out
+
+
+def _row_pieces(segs: list[Segment], q_len: int):
+    """The query rows in order, as (r0, r1, the segment computing them — None for rows no segment covers)."""
     row = 0
     for s in sorted(segs, key=lambda s: s.q0):
         if s.q0 > row:
-            out[..., row:s.q0, :] = c.gap(row, s.q0, None)
-        if s is not big:
-            out[..., s.q0:s.q1, :] = c.sdpa(s)
+            yield row, s.q0, None
+        yield s.q0, s.q1, s
         row = s.q1
     if row < q_len:
-        out[..., row:q_len, :] = c.gap(row, q_len, None)
-    return out
+        yield row, q_len, None
 
 
 def _varlen_zero_copy(structure: MaskStructure, c: _Call, impl: str) -> torch.Tensor | None:
@@ -239,15 +247,10 @@ def _assemble(c: _Call, segs: list[Segment], outs: dict[int, torch.Tensor]) -> t
 
 
 def _concat_rows(c: _Call, segs: list[Segment], outs: dict[int, torch.Tensor], batch: int | None) -> torch.Tensor:
-    pieces, row = [], 0
-    for s in sorted(segs, key=lambda s: s.q0):
-        if s.q0 > row:
-            pieces.append(c.gap(row, s.q0, batch))
-        out = outs[id(s)]
-        if batch is not None and s.batch is None:
-            out = out[batch:batch + 1]
-        pieces.append(out)
-        row = s.q1
-    if row < c.q.shape[-2]:
-        pieces.append(c.gap(row, c.q.shape[-2], batch))
+    pieces = []
+    for r0, r1, s in _row_pieces(segs, c.q.shape[-2]):
+        if s is None:
+            pieces.append(c.gap(r0, r1, batch))
+        else:  # a segment shared by every batch row gives this batch row its slice
+            pieces.append(outs[id(s)][batch:batch + 1] if batch is not None and s.batch is None else outs[id(s)])
     return torch.cat(pieces, -2) if len(pieces) > 1 else pieces[0]
