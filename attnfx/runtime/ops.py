@@ -50,8 +50,6 @@ class SiteRuntime:
     on_plan: Callable[[Plan], None] | None = None  # reports each new plan
     reported: tuple | None = None  # (plan, its kernel and why) last reported; the plan held, not an id()
     last: tuple | None = None  # (signature, plan) of the previous call: the common case, checked first
-    scale: float | None = None  # of the current call (autotune runs the candidates with it)
-    enable_gqa: bool = False
 
 
 _SITES: dict[int, SiteRuntime] = {}
@@ -105,7 +103,7 @@ def _run(plan: Plan, q, k, v, mask, scale, enable_gqa):
                        fill=plan.fill or "zero")
 
 
-def _autotune(plan: Plan, q, k, v, mask, site) -> Plan:
+def _autotune(plan: Plan, q, k, v, mask, scale, enable_gqa) -> Plan:
     """Time every exact candidate once on these inputs and keep the fastest (``autotune=True``)."""
     a = plan.analysis
     batch = q.shape[0] if q.dim() == 4 else 1
@@ -117,7 +115,7 @@ def _autotune(plan: Plan, q, k, v, mask, site) -> Plan:
             try:
                 if kernel == "flex":
                     trial.block_mask = _flex_mask(a, q.shape[-2], k.shape[-2], q.device)
-                timings[kernel] = _time(lambda: _run(trial, q, k, v, mask, site.scale, site.enable_gqa), q.device)
+                timings[kernel] = _time(lambda: _run(trial, q, k, v, mask, scale, enable_gqa), q.device)
             except Exception as e:  # a candidate that does not run here is not a candidate
                 log.info("attnfx: autotune candidate %s failed: %s", kernel, e)
     if not timings:
@@ -144,7 +142,7 @@ def _time(fn, device, reps: int = 5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints, v=None) -> Plan:
+def plan_for(site: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, enable_gqa=False) -> Plan:
     batch, heads, q_len, kv_len = q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2]
 
     def analyse() -> Plan:
@@ -153,7 +151,7 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints, v=None) -> Pl
                       site.forced_kernel)
         tunable = analysis is not None and (not analysis.empty_rows or plan.fill is not None)
         if site.autotune and site.forced_kernel is None and tunable:
-            plan = _autotune(plan, q, k, v, mask, site)
+            plan = _autotune(plan, q, k, v, mask, scale, enable_gqa)
         if plan.kernel == "flex" and plan.block_mask is None:
             plan.block_mask = _flex_mask(analysis, q_len, kv_len, q.device)
         return plan
@@ -166,7 +164,6 @@ def plan_for(site: SiteRuntime, q, k, mask, key_tensors, key_ints, v=None) -> Pl
     namespace = (*site.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse)
     site.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
-    _report(site, plan)
     return plan
 
 
@@ -180,10 +177,9 @@ def _report(site: SiteRuntime, plan: Plan) -> None:
 
 def _forward(q, k, v, mask, key_tensors, key_ints, site: int, scale, enable_gqa):
     rt = _SITES[site]
-    rt.scale, rt.enable_gqa = scale, enable_gqa
-    plan = plan_for(rt, q, k, mask, key_tensors, key_ints, v)
+    plan = plan_for(rt, q, k, v, mask, key_tensors, key_ints, scale, enable_gqa)
     out = _run(plan, q, k, v, mask, scale, enable_gqa)
-    _report(rt, plan)
+    _report(rt, plan)  # a new plan, or one whose kernel fell back while running
     return out
 
 
