@@ -18,6 +18,13 @@ from attnfx.rewriter.graph import aliases_input, call_name, fake, writes_in_plac
 RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
           "multinomial", "dropout", "uniform_", "normal_", "randperm"}
 
+def replays_differently(n: fx.Node) -> bool:
+    """Random, in-place or opaque: a node whose value cannot be recomputed apart from the graph run."""
+    if n.op == "call_module":
+        return True
+    return n.op in ("call_function", "call_method") and (call_name(n) in RANDOM or writes_in_place(n))
+
+
 def closure(mask: fx.Node, consumer: fx.Node) -> set[fx.Node]:
     """Every node the mask's value depends on: its ancestors, and the in-place writes into any of them
     (directly or through views) that run before ``consumer`` — with their own ancestors."""
@@ -116,7 +123,7 @@ def runtime_value(node: fx.Node, consumer: fx.Node, example_inputs) -> tuple[tor
         return None
     placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
     needed = closure(node, consumer)
-    if any(n.op in ("call_function", "call_method") and (writes_in_place(n) or call_name(n) in RANDOM) for n in needed):
+    if any(replays_differently(n) for n in needed):
         return None
     prefix, used = extract(node, consumer, needed)
     positions = [placeholders.index(p) for p in used]

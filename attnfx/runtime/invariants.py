@@ -41,8 +41,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from attnfx.patterns._static import RANDOM, closure
-from attnfx.rewriter.graph import call_name, fake, numel_hint, writes_in_place
+from attnfx.patterns._static import closure, replays_differently
+from attnfx.rewriter.graph import call_name, fake, numel_hint
 from attnfx.rewriter.verify import mutated_inputs
 from attnfx.runtime.cache import InputCache, tensor_key
 
@@ -117,7 +117,7 @@ class Analysis:
         if not any(u.op != "output" and self.deps[u] > self.deps[n] for u in n.users):
             return False
         region = closure(n, self.output)
-        return not any(_unsafe(r) for r in region) and _compute_ops(region) > 0
+        return not any(replays_differently(r) for r in region) and _compute_ops(region) > 0
 
     def groups(self, stable: set[int], phase: str) -> list[Group]:
         """Groups of the candidate cuts whose tensor inputs (parameters aside) are all in ``stable``."""
@@ -160,7 +160,7 @@ class Analysis:
             anchor.meta = dict(nodes[name].meta)
             nodes[name].replace_all_uses_with(anchor)
         for n in reversed(list(graph.nodes)):  # what only fed the cut values goes (pure ops only)
-            if n.op in ("call_function", "call_method") and not n.users and not _unsafe(n) and not n.is_impure():
+            if n.op in ("call_function", "call_method") and not n.users and not replays_differently(n) and not n.is_impure():
                 graph.erase_node(n)
         graph.lint()
         return fx.GraphModule(self.gm, graph)
@@ -184,15 +184,6 @@ def _describe(nodes) -> str:
         if n.op in ("call_function", "call_method") and call_name(n) not in _VIEW_NAMES and call_name(n) not in names:
             names.append(call_name(n))
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-
-
-def _unsafe(n: fx.Node) -> bool:
-    """Random, in-place or opaque: never part of a cached value. (Placeholders are named ``L_x_``: not calls.)"""
-    if n.op == "call_module":
-        return True
-    if n.op not in ("call_function", "call_method"):
-        return False
-    return call_name(n) in RANDOM or writes_in_place(n)
 
 
 class Variant:
