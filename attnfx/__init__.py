@@ -5,14 +5,14 @@
     print(attnfx.report(opt))
 """
 
-__version__ = "0.1.0"
-
-from attnfx.rewriter.backend import Backend, attnfx_backend  # noqa: E402
-from attnfx.rewriter.optimize import optimize, report  # noqa: E402
-from attnfx.rewriter.options import Options, OptionsError  # noqa: E402
-from attnfx.rewriter.report import Report, SiteRecord  # noqa: E402
-from attnfx.rewriter.verify import VerificationError  # noqa: E402
-from attnfx.runtime.steps import denoise_step, reset_steps  # noqa: E402
+from attnfx._version import __version__
+from attnfx.fx.sites import SiteRecord
+from attnfx.options import Options, OptionsError
+from attnfx.rewriter.backend import Backend, attnfx_backend
+from attnfx.rewriter.optimize import optimize, report
+from attnfx.rewriter.report import Report
+from attnfx.rewriter.verify import VerificationError
+from attnfx.runtime.steps import denoise_step, reset_steps
 
 __all__ = [
     "Backend", "Options", "OptionsError", "Report", "SiteRecord", "VerificationError",

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 import attnfx
-from attnfx.rewriter.graph import op_name
+from attnfx.fx.graph import op_name
 
 
 class Compiled:

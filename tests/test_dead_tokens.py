@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import Compiled, assert_same
 
-from attnfx.rewriter.graph import op_name, sdpa_args
+from attnfx.fx.graph import op_name, sdpa_args
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import hunyuan_image3 as hy  # noqa: E402

@@ -9,7 +9,7 @@ from helpers import Compiled, assert_same
 
 from attnfx.patterns import gqa
 from attnfx.patterns._layout import trace
-from attnfx.rewriter.graph import op_name, sdpa_args
+from attnfx.fx.graph import op_name, sdpa_args
 
 B, HKV, N, L, S, D = 2, 2, 3, 5, 7, 16
 Compiled = partial(Compiled, patterns=["gqa"])  # this module tests gqa alone

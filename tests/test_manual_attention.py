@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import Compiled, assert_same
 
-from attnfx.rewriter.graph import op_name
+from attnfx.fx.graph import op_name
 
 B, H, HKV, L, S, D = 2, 4, 2, 6, 6, 16
 Compiled = partial(Compiled, patterns=["manual_attention", "gqa"])  # these two patterns alone

@@ -383,12 +383,14 @@ def test_a_static_bias_is_refused():
 
 
 def test_opcheck_structured_attention():
-    site = ops.register(ops.SiteRuntime(("opcheck", 0), {"bool": "zero", "-inf": "zero", "finfo.min": "mean_v"}))
+    state = ops.SiteRuntime(("opcheck", 0), {"bool": "zero", "-inf": "zero", "finfo.min": "mean_v"})
+    site_id = ops.register(state, keepalive=[])
     structure, batch, q_len, kv_len = STRUCTURES["padding_left_causal"]
     q, k, v = qkv(batch, q_len, kv_len, requires_grad=True)
     mask = structure.materialize(q_len, kv_len)
-    args = (q, k, v, mask, [mask], [], site, None, True)
+    args = (q, k, v, mask, [mask], [], site_id, None, True)
     torch.library.opcheck(torch.ops.attnfx.structured_attention.default, args)
+    del state
 
 
 # ------------------------------------------------------------------------------ FlexAttention, autotune

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import attnfx
 import npu_emulator as emu
-from attnfx.patterns import npu_attention
+from attnfx.runtime import ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import dit_loop as dit  # noqa: E402
@@ -105,10 +105,11 @@ def test_selectors_choose_steps_and_layers(npu):
             opt(latents.bfloat16(), torch.full((2,), 1 - i / 4, dtype=torch.bfloat16), text.bfloat16(), text_mask, img_ids)
         with attnfx.denoise_step(1):  # explicit: a skipped step
             opt(latents.bfloat16(), torch.full((2,), 0.1, dtype=torch.bfloat16), text.bfloat16(), text_mask, img_ids)
-    by_layer = {rt.layer: rt.calls for rt in npu_attention._SITES.values() if rt.record in attnfx.report(opt).sites}
+    by_layer = {rt.layer: rt.calls for rt in ops.SITES.values()
+                if isinstance(rt, ops.NpuSite) and rt.record in attnfx.report(opt).sites}
     assert sorted(by_layer) == [0, 1, 2, 3]
     for layer, calls in by_layer.items():
-        assert [s for s, _ in calls] == [0, 1, 2, 3, 1]
+        assert [s for s, _ in calls] == [0, 1, 2, 3, 1]  # the last calls of the site (a bounded history)
         assert [q for _, q in calls] == [False, False, layer != 1, layer != 1, False]
     modes = [c["query_quant_mode"] for c in npu]
     assert modes.count(7) == 2 * 3  # steps 2 and 3, layers 0, 2, 3

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_same
 
 import attnfx
-from attnfx.rewriter.graph import op_name
-from attnfx.rewriter.site import Outcome
+from attnfx.patterns.base import Outcome, Pattern
 
 
 class GQA(torch.nn.Module):
@@ -115,17 +113,15 @@ def _broken_pattern():
     """A pattern that rewrites wrongly (doubles the scale): verify must catch it and name the site."""
 
     def rewrite(site, ctx):
-        if op_name(site.node) != "sdpa":
-            return None
         site.node.kwargs = {**site.node.kwargs, "scale": 2.0}
-        return Outcome(rewritten=True, target="broken")
+        return Outcome(target="broken")
 
-    return SimpleNamespace(NAME="broken", rewrite=rewrite)
+    return Pattern("broken", rewrite, applies_to="sdpa")
 
 
 def test_verify_names_the_site_that_differs(monkeypatch):
     broken = _broken_pattern()
-    monkeypatch.setattr("attnfx.patterns.NAMES", ("broken",))
+    monkeypatch.setattr("attnfx.rewriter.backend.NAMES", ("broken",))
     monkeypatch.setattr("attnfx.rewriter.passes.ORDER", (broken,))
     opt = attnfx.optimize(GQA().eval(), compiler="eager", verify=True)
     with pytest.raises(attnfx.VerificationError, match=r"attention site <root> \(tests/test_optimize.py:\d+\) "
@@ -137,8 +133,8 @@ def test_an_internal_error_compiles_the_graph_unchanged(monkeypatch):
     def rewrite(site, ctx):
         raise KeyError("bug")
 
-    monkeypatch.setattr("attnfx.patterns.NAMES", ("buggy",))
-    monkeypatch.setattr("attnfx.rewriter.passes.ORDER", (SimpleNamespace(NAME="buggy", rewrite=rewrite),))
+    monkeypatch.setattr("attnfx.rewriter.backend.NAMES", ("buggy",))
+    monkeypatch.setattr("attnfx.rewriter.passes.ORDER", (Pattern("buggy", rewrite, applies_to="sdpa"),))
     model = GQA().eval()
     opt = attnfx.optimize(model, compiler="eager", strict=False)
     x = torch.randn(1, 4, 64)

@@ -110,6 +110,11 @@ TABLE += (
 BY_NAME = {k.name: k for k in TABLE}
 
 
+def structured_kernels() -> list[str]:
+    """The kernels that run a mask structure's segments (what ``kernel=`` may force): every family but SDPA's own."""
+    return [k.name for k in TABLE if k.family != "sdpa"]
+
+
 def kernel(name: str) -> Kernel:
     try:
         return BY_NAME[name]

@@ -12,19 +12,16 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
 def block_mask(allowed: torch.Tensor, q_len: int, kv_len: int):
     """A BlockMask standing for the bool mask ``allowed`` (batch or 1, 1, q_len, kv_len)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     dense = allowed.expand(allowed.shape[0], 1, q_len, kv_len).contiguous()
     per_batch = dense.shape[0] > 1
 
@@ -37,6 +34,5 @@ def block_mask(allowed: torch.Tensor, q_len: int, kv_len: int):
 
 def attention(q, k, v, mask, *, scale=None, enable_gqa=False):
     """softmax(q kᵀ·scale, masked to the BlockMask ``mask``) v."""
-    fn = _compiled() if q.device.type == "cuda" else __import__(
-        "torch.nn.attention.flex_attention", fromlist=["flex_attention"]).flex_attention
+    fn = _compiled() if q.device.type == "cuda" else flex_attention
     return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnfx.masks import BlockDiagonal, Causal, Padding
+
 Q_BLOCK, KV_BLOCK, FP8_MAX = 128, 256, 448.0
 CAUSAL_MASK_SIZE = 2048
 
@@ -83,8 +85,6 @@ class Call:
 
 def structured(structure, batch: int, q_len: int, kv_len: int) -> dict | None:
     """How the op takes a mask structure without a dense mask: {"causal"} / {"kv_lengths"} / {"packed"}."""
-    from attnfx.masks import BlockDiagonal, Causal, Padding
-
     if isinstance(structure, Causal) and structure.window is None and (structure.align == "top_left" or kv_len >= q_len):
         return {"causal": structure.align}
     if isinstance(structure, Padding) and structure.side == "right" and structure.causal is None and all(structure.lengths):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attnfx.rewriter.graph import hint
+from attnfx.fx.graph import fake, hint, sdpa_args
 
 TARGET = "F.scaled_dot_product_attention"
 
@@ -104,8 +104,6 @@ def predict_kernel(x: SdpaInputs, *, enable_gqa: bool) -> str | None:
 
 def describe_call(node) -> str:
     """A short description of an SDPA call node, for reports: which options it now uses."""
-    from attnfx.rewriter.graph import fake, sdpa_args
-
     args = sdpa_args(node)
     parts = []
     mask = args["attn_mask"]

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import arg, fake, known_eq, known_one, op_name
+from attnfx.fx.graph import arg, fake, known_eq, known_one, op_name
 
 MOVEMENT_OPS = frozenset(
     {"getitem", "unsqueeze", "expand", "repeat", "repeat_interleave", "reshape", "flatten",

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from attnfx.rewriter.graph import (aliases_input, alias_root, arg, call_name, emit, fake, is_pure, known_eq,
+from attnfx.fx.graph import (aliases_input, alias_root, arg, call_name, emit, fake, is_pure, known_eq,
                                    written_roots)
 
 UNARY = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "silu", "gelu",

@@ -48,14 +48,12 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from attnfx.fx.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint
+from attnfx.fx.static import cheap, constant_value, input_names, runtime_value
 from attnfx.patterns._rows import Part, expand_index, forward_axis, index_dims, narrowed, sink
-from attnfx.patterns._static import cheap, constant_value, input_names, runtime_value
-from attnfx.rewriter.graph import SDPA_ARGS, arg, call_name, emit, fake, hint, known_eq, numel_hint, op_name, sdpa_args
-from attnfx.rewriter.site import Outcome, Site
+from attnfx.patterns.base import Outcome, PassContext, Pattern, Refused, Site
 from attnfx.runtime.guards import Guard
 from attnfx.runtime.guards import add as add_guard
-
-NAME = "dead_tokens"
 
 class Live:
     """The rows of the attention output that are read: [lo, hi), or every row; and the run-time index sets
@@ -110,8 +108,8 @@ class Liveness:
     """Which rows of a value are ever read, following its users (``ctx`` lends the example inputs that
     run-time index sets are read from; without it such index sets make every row live)."""
 
-    def __init__(self, ctx: Any = None):
-        self.example_inputs = getattr(ctx, "example_inputs", None)
+    def __init__(self, ctx: PassContext | None = None):
+        self.example_inputs = ctx.example_inputs if ctx is not None and ctx.specialize else None
         self.seen: dict = {}
 
     def rows(self, node: fx.Node, axis: int, length: int) -> Live:
@@ -205,11 +203,9 @@ class Liveness:
         return Live.every("an index that does not reach the rows")
 
 
-def rewrite(site: Site, ctx: Any) -> Outcome | None:
+def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
     node = site.node
-    if op_name(node) != "sdpa":
-        return None
-    args = sdpa_args(node)
+    args = site.args()
     q, k = fake(args["query"]), fake(args["key"])
     q_len, kv_len, row_axis = q.shape[-2], k.shape[-2], q.dim() - 2
     if not isinstance(q_len, int) or not isinstance(kv_len, int):
@@ -229,14 +225,14 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     rows_dead, keys_dead = (lo, hi) != (0, q_len), (c0, c1) != (0, kv_len)
     if not rows_dead and not keys_dead:
         if live.selector:  # the output is selected from, but which rows could not be proven
-            return Outcome.refuse(f"every query row counts as read: {live.why}")
+            raise Refused(f"every query row counts as read: {live.why}")
         return None
     if lo == hi:
         return None  # nothing read at all: dead code elimination's business, not ours
     if args["is_causal"] and (lo > 0 or c0 > 0 or c1 < kv_len):
-        return Outcome.refuse("is_causal with dead leading rows or keys: slicing would move the diagonal")
+        raise Refused("is_causal with dead leading rows or keys: slicing would move the diagonal")
     if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0):
-        return Outcome.refuse(f"dropout_p={args['dropout_p']}")
+        raise Refused(f"dropout_p={args['dropout_p']}")
 
     guards = live.guards if rows_dead else ()
     for g in guards:
@@ -279,7 +275,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     if keys_dead:
         how.append(f"no read row may attend keys outside [{c0}, {c1})")
     return Outcome(
-        rewritten=True, node=new, output=new if site.output is node else None, replaced=replaced + [old for old, _ in upstream],
+        node=new, output=new if site.output is node else None, replaced=replaced + [old for old, _ in upstream],
         details={"dead_tokens": {"queries": q_len - (hi - lo), "keys": kv_len - (c1 - c0), "how": "; ".join(how)},
                  "ops_on_fewer_rows": {"before": len(upstream), "after": len(downstream)},
                  "live_rows": [lo, hi]},
@@ -294,3 +290,6 @@ def _matmul_flops_saved(old: fx.Node, new: fx.Node) -> int:
         return 0
     inner = hint(fake(old.args[0]).shape[-1])
     return 2 * inner * (numel_hint(fake(old)) - numel_hint(fake(new)))
+
+
+PATTERN = Pattern("dead_tokens", rewrite, applies_to="sdpa", after=("gqa",))

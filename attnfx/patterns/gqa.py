@@ -39,11 +39,9 @@ import torch.fx as fx
 
 from attnfx.backends import capabilities
 from attnfx.backends import sdpa as sdpa_backend
+from attnfx.fx.graph import emit, fake, known_eq, numel_hint, op_name, set_sdpa_args
 from attnfx.patterns._layout import trace
-from attnfx.rewriter.graph import emit, fake, known_eq, numel_hint, op_name, sdpa_args, set_sdpa_args
-from attnfx.rewriter.site import Outcome, Site
-
-NAME = "gqa"
+from attnfx.patterns.base import Outcome, PassContext, Pattern, Refused, Site
 
 
 @dataclass
@@ -148,24 +146,22 @@ def _materialized_bytes(t: torch.Tensor) -> int:
     return numel_hint(t) * t.element_size()
 
 
-def rewrite(site: Site, ctx: Any) -> Outcome | None:
+def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
     node = site.node
-    if op_name(node) != "sdpa":
-        return None
-    args = sdpa_args(node)
+    args = site.args()
     k_exp, v_exp = find_expansion(args["key"]), find_expansion(args["value"])
     if k_exp is None and v_exp is None:
         return None
     for name, exp in (("key", k_exp), ("value", v_exp)):
         if isinstance(exp, str):
-            return Outcome.refuse(f"{name}: {exp}")
+            raise Refused(f"{name}: {exp}")
     if k_exp is None or v_exp is None:
-        return Outcome.refuse("only one of K and V is expanded; SDPA's enable_gqa needs both with the same heads")
+        raise Refused("only one of K and V is expanded; SDPA's enable_gqa needs both with the same heads")
     if not (known_eq(k_exp.n_rep, v_exp.n_rep) and known_eq(k_exp.kv_heads, v_exp.kv_heads)):
-        return Outcome.refuse(f"K and V are expanded differently (n_rep {k_exp.n_rep} vs {v_exp.n_rep})")
+        raise Refused(f"K and V are expanded differently (n_rep {k_exp.n_rep} vs {v_exp.n_rep})")
     dropout = args["dropout_p"]
     if not (isinstance(dropout, (int, float)) and dropout == 0):
-        return Outcome.refuse(f"dropout_p={dropout}: random, so the rewrite could not be checked equal")
+        raise Refused(f"dropout_p={dropout}: random, so the rewrite could not be checked equal")
 
     q, k, v = fake(args["query"]), fake(args["key"]), fake(args["value"])
     mask = fake(args["attn_mask"]) if args["attn_mask"] is not None else None
@@ -174,7 +170,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     after = sdpa_backend.predict_kernel(inputs.with_kv_heads(k_exp.kv_heads), enable_gqa=True)
     verdict = _kernel_verdict(before, after, has_mask=mask is not None)
     if verdict is not None:
-        return Outcome.refuse(verdict, kernel=before)
+        raise Refused(verdict, kernel=before)
 
     graph = node.graph
     old_k, old_v = args["key"], args["value"]
@@ -198,7 +194,6 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
     if after is not None and capabilities.kernel(after).gqa != "native":
         notes.append(f"kernel {after} expands K/V internally")
     return Outcome(
-        rewritten=True,
         reason="; ".join(notes) or None,
         savings={"kv_expansion_bytes": saved},
         details={"n_rep": _int(k_exp.n_rep), "kv_heads": _int(k_exp.kv_heads), "sdpa_kernel": after or "unknown"},
@@ -246,3 +241,6 @@ def _kernel_verdict(before: str | None, after: str | None, has_mask: bool) -> st
             return (f"with enable_gqa SDPA would switch from {before} to {after}, which may differ on query rows "
                     f"with no allowed key; expansion kept")
     return None
+
+
+PATTERN = Pattern("gqa", rewrite, applies_to="sdpa", after=("manual_attention",))

@@ -39,24 +39,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from attnfx.backends.sdpa import SdpaInputs, predict_kernel
-from attnfx.rewriter.graph import SDPA, arg, emit, fake, is_tensor_node, known_eq, numel_hint, op_name
-from attnfx.rewriter.site import PROB_IDENTITIES, Outcome, Site, prob_matmul
-
-NAME = "manual_attention"
+from attnfx.fx.graph import SDPA, arg, emit, fake, is_tensor_node, known_eq, numel_hint, op_name
+from attnfx.fx.sites import PROB_IDENTITIES, prob_matmul
+from attnfx.patterns.base import Outcome, PassContext, Pattern, Refused, Site
 
 _CASTS = frozenset({"to", "float", "half", "bfloat16", "type", "type_as", "contiguous"})
 _FINITE_PRODUCERS = frozenset({"zeros", "ones", "zeros_like", "ones_like", "new_zeros", "new_ones", "full", "new_full",
                                "tensor", "scalar_tensor"})
-
-
-class Refuse(Exception):
-    pass
 
 
 @dataclass
@@ -78,92 +73,118 @@ def _number(x: Any) -> float | None:
 
 
 def parse_scores(node: fx.Node) -> Scores:
-    """Walk back from the softmax input to ``matmul(q, kᵀ)``; raise Refuse on anything else."""
+    """Walk back from the softmax input to ``matmul(q, kᵀ)`` through the rules below; refuse anything else."""
+    rule = SCORE_RULES.get(op_name(node))
+    if rule is None:
+        raise Refused(f"scores pass through {op_name(node) or node.target} ({node.name}), which SDPA cannot carry")
+    return rule(node)
+
+
+def _matmul(node: fx.Node) -> Scores:
+    return Scores(q=node.args[0], kt=node.args[1])
+
+
+def _baddbmm(node: fx.Node) -> Scores:
+    """baddbmm(M, q, kᵀ, beta, alpha) = beta * M + alpha * (q @ kᵀ)   (diffusers' get_attention_scores)."""
+    m, q, kt = node.args[0], node.args[1], node.args[2]
+    beta, alpha = _number(arg(node, 3, "beta", 1)), _number(arg(node, 4, "alpha", 1))
+    if beta is None or alpha is None:
+        raise Refused("baddbmm with non-constant beta/alpha")
+    s = Scores(q=q, kt=kt, scale=alpha)
+    if beta != 0:
+        s.additive.append((m, beta))
+    return s
+
+
+def _cast(node: fx.Node) -> Scores:
+    return parse_scores(node.args[0])
+
+
+def _scale(node: fx.Node) -> Scores:
+    """``scores * c`` / ``scores / c``: a constant factor, or exactly 1/√head_dim when symbolic."""
     name = op_name(node)
-    if name == "matmul":
-        return Scores(q=node.args[0], kt=node.args[1])
-    if name == "baddbmm":
-        # baddbmm(M, q, kᵀ, beta, alpha) = beta * M + alpha * (q @ kᵀ)   (diffusers' get_attention_scores)
-        m, q, kt = node.args[0], node.args[1], node.args[2]
-        beta, alpha = _number(arg(node, 3, "beta", 1)), _number(arg(node, 4, "alpha", 1))
-        if beta is None or alpha is None:
-            raise Refuse("baddbmm with non-constant beta/alpha")
-        s = Scores(q=q, kt=kt, scale=alpha)
-        if beta != 0:
-            s.additive.append((m, beta))
+    a, b = node.args[0], node.args[1]
+    if name == "div" and not is_tensor_node(a):
+        raise Refused(f"scores are divided into a constant ({node.name})")
+    tensor, c = (a, b) if is_tensor_node(a) else (b, a)
+    s = parse_scores(tensor)
+    if s.replaced:
+        raise Refused("scores are scaled after masking")
+    factor = _number(c)
+    if factor is None:
+        head_dim = fake(s.q).shape[-1]
+        inv_sqrt = known_eq(fake(c), head_dim ** -0.5) if name == "mul" else known_eq(fake(c), head_dim ** 0.5)
+        if not inv_sqrt or s.default_scale or s.scale != 1.0 or s.additive:
+            raise Refused(f"scores are scaled by a non-constant ({node.name})")
+        s.default_scale = True
         return s
-    if name in _CASTS:
-        return parse_scores(node.args[0])
-    if name in ("mul", "div"):
-        a, b = node.args[0], node.args[1]
-        if name == "div" and not is_tensor_node(a):
-            raise Refuse(f"scores are divided into a constant ({node.name})")
-        tensor, c = (a, b) if is_tensor_node(a) else (b, a)
-        s = parse_scores(tensor)
-        if s.replaced:
-            raise Refuse("scores are scaled after masking")
-        factor = _number(c)
-        if factor is None:
-            head_dim = fake(s.q).shape[-1]
-            inv_sqrt = known_eq(fake(c), head_dim ** -0.5) if name == "mul" else known_eq(fake(c), head_dim ** 0.5)
-            if not inv_sqrt or s.default_scale or s.scale != 1.0 or s.additive:
-                raise Refuse(f"scores are scaled by a non-constant ({node.name})")
-            s.default_scale = True
-            return s
-        factor = factor if name == "mul" else 1.0 / factor
-        if s.default_scale:
-            raise Refuse("scores are scaled by 1/sqrt(head_dim) and by another factor")
-        s.scale *= factor
-        s.additive = [(t, f * factor) for t, f in s.additive]
+    factor = factor if name == "mul" else 1.0 / factor
+    if s.default_scale:
+        raise Refused("scores are scaled by 1/sqrt(head_dim) and by another factor")
+    s.scale *= factor
+    s.additive = [(t, f * factor) for t, f in s.additive]
+    return s
+
+
+def _add(node: fx.Node) -> Scores:
+    """``scores + mask`` (either operand order), or ``scores + number`` (softmax is shift-invariant per row)."""
+    if len(node.args) > 2 or node.kwargs.get("alpha", 1) != 1:
+        raise Refused("add with alpha")
+    a, b = node.args[0], node.args[1]
+    if not (is_tensor_node(a) and is_tensor_node(b)):
+        return parse_scores(a if is_tensor_node(a) else b)
+    errors = []
+    for score, term in ((a, b), (b, a)):
+        try:
+            s = parse_scores(score)
+        except Refused as e:
+            errors.append(e)
+            continue
+        s.additive.append((term, 1.0))
         return s
-    if name == "add":
-        if len(node.args) > 2 or node.kwargs.get("alpha", 1) != 1:
-            raise Refuse("add with alpha")
-        a, b = node.args[0], node.args[1]
-        if not (is_tensor_node(a) and is_tensor_node(b)):
-            tensor = a if is_tensor_node(a) else b
-            return parse_scores(tensor)  # + number: softmax is shift-invariant per row
-        errors = []
-        for score, term in ((a, b), (b, a)):
-            try:
-                s = parse_scores(score)
-            except Refuse as e:
-                errors.append(str(e))
-                continue
-            s.additive.append((term, 1.0))
-            return s
-        raise Refuse(errors[0])
-    if name in ("masked_fill", "where"):
-        if name == "masked_fill":
-            score, cond, fill = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
-            excluded_when = True
+    raise errors[0]
+
+
+def _fill(node: fx.Node) -> Scores:
+    """``masked_fill(cond, fill)`` / ``where(cond, scores, fill)`` with fill -inf or ``finfo.min``."""
+    if op_name(node) == "masked_fill":
+        score, cond, fill = node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
+        excluded_when = True
+    else:
+        cond, x, y = node.args[0], node.args[1], node.args[2]
+        if is_tensor_node(x) and _number(y) is not None:
+            score, fill, excluded_when = x, y, False
+        elif is_tensor_node(y) and _number(x) is not None:
+            score, fill, excluded_when = y, x, True
         else:
-            cond, x, y = node.args[0], node.args[1], node.args[2]
-            if is_tensor_node(x) and _number(y) is not None:
-                score, fill, excluded_when = x, y, False
-            elif is_tensor_node(y) and _number(x) is not None:
-                score, fill, excluded_when = y, x, True
-            else:
-                raise Refuse("where() between two tensors in the scores")
-        value = _number(fill)
-        s = parse_scores(score)
-        dtype = fake(score).dtype
-        cond_node = cond
-        if not excluded_when:
-            cond_node = ("not", cond)
-        if value == -math.inf:
-            s.excluded.append(cond_node)
-        elif value is not None and dtype.is_floating_point and value == torch.finfo(dtype).min:
-            s.min_filled.append(cond_node)
-        else:
-            raise Refuse(f"scores replaced by {fill!r}: only -inf or finfo.min can become an SDPA mask exactly")
-        s.replaced = True
-        return s
-    if name == "tanh":
-        raise Refuse("score soft-capping (tanh) changes the math")
-    if name == "cat":
-        raise Refuse("extra logits concatenated to the scores (attention sinks?)")
-    raise Refuse(f"scores pass through {name or node.target} ({node.name}), which SDPA cannot carry")
+            raise Refused("where() between two tensors in the scores")
+    value = _number(fill)
+    s = parse_scores(score)
+    dtype = fake(score).dtype
+    cond_node = cond if excluded_when else ("not", cond)
+    if value == -math.inf:
+        s.excluded.append(cond_node)
+    elif value is not None and dtype.is_floating_point and value == torch.finfo(dtype).min:
+        s.min_filled.append(cond_node)
+    else:
+        raise Refused(f"scores replaced by {fill!r}: only -inf or finfo.min can become an SDPA mask exactly")
+    s.replaced = True
+    return s
+
+
+def _soft_capping(node: fx.Node) -> Scores:
+    raise Refused("score soft-capping (tanh) changes the math")
+
+
+def _sinks(node: fx.Node) -> Scores:
+    raise Refused("extra logits concatenated to the scores (attention sinks?)")
+
+
+# the score computation, one rule per op (by normalised op name): what it contributes to ``Scores``
+SCORE_RULES: dict[str, Callable[[fx.Node], Scores]] = {
+    "matmul": _matmul, "baddbmm": _baddbmm, **dict.fromkeys(_CASTS, _cast), "mul": _scale, "div": _scale,
+    "add": _add, "masked_fill": _fill, "where": _fill, "tanh": _soft_capping, "cat": _sinks,
+}
 
 
 def _provably_finite(node: Any) -> bool:
@@ -246,59 +267,50 @@ def build_mask(graph: fx.Graph, s: Scores, dtype: torch.dtype, like: fx.Node) ->
     return Mask(total, allowed, all_min)
 
 
-def rewrite(site: Site, ctx: Any) -> Outcome | None:
+def rewrite(site: Site, ctx: PassContext) -> Outcome:
     softmax = site.node
-    if op_name(softmax) != "softmax" or site.kind != "manual":
-        return None
-    try:
-        return _rewrite(site, softmax)
-    except Refuse as e:
-        return Outcome.refuse(str(e))
-
-
-def _rewrite(site: Site, softmax: fx.Node) -> Outcome:
     scores = fake(softmax.args[0])
     dim = arg(softmax, 1, "dim")
     if dim is None or dim not in (-1, scores.dim() - 1):
-        raise Refuse(f"softmax over dim {dim}, not over the keys")
+        raise Refused(f"softmax over dim {dim}, not over the keys")
     pv = prob_matmul(softmax)
     # every node between softmax and pv: used once, and the identity in this call
     n = softmax
     while n is not pv.args[0]:
         if len(n.users) != 1:
-            raise Refuse(f"attention probabilities ({n.name}) are also used elsewhere (returned as weights?)")
+            raise Refused(f"attention probabilities ({n.name}) are also used elsewhere (returned as weights?)")
         n = next(iter(n.users))
         if op_name(n) == "dropout":
             p, training = arg(n, 1, "p", 0.5), arg(n, 2, "training", True)
             if not (p == 0 or training is False):
-                raise Refuse(f"dropout p={p} is active (training); the result is random")
+                raise Refused(f"dropout p={p} is active (training); the result is random")
         elif op_name(n) not in PROB_IDENTITIES:
-            raise Refuse(f"probabilities pass through {op_name(n)} ({n.name}) before the matmul (attention sinks?)")
+            raise Refused(f"probabilities pass through {op_name(n)} ({n.name}) before the matmul (attention sinks?)")
     if len(n.users) != 1:
-        raise Refuse(f"attention probabilities ({n.name}) are also used elsewhere (returned as weights?)")
+        raise Refused(f"attention probabilities ({n.name}) are also used elsewhere (returned as weights?)")
 
     s = parse_scores(softmax.args[0])
     q_node, kt_node = s.q, s.kt
     v_node = pv.args[1]
     q, kt, v, out = fake(q_node), fake(kt_node), fake(v_node), fake(pv)
     if not all(isinstance(t, torch.Tensor) for t in (q, kt, v)):
-        raise Refuse("q, k or v is not a tensor")
+        raise Refused("q, k or v is not a tensor")
     if len({q.dtype, kt.dtype, v.dtype, out.dtype}) != 1:
-        raise Refuse(f"q/k/v/output dtypes differ ({q.dtype}, {kt.dtype}, {v.dtype} -> {out.dtype})")
+        raise Refused(f"q/k/v/output dtypes differ ({q.dtype}, {kt.dtype}, {v.dtype} -> {out.dtype})")
     if not (q.dim() == kt.dim() == v.dim() and q.dim() >= 3):
-        raise Refuse("q, k and v must have the same rank >= 3 for SDPA")
+        raise Refused("q, k and v must have the same rank >= 3 for SDPA")
     lead_q, lead_k, lead_v = q.shape[:-3], kt.shape[:-3], v.shape[:-3]
     if not all(known_eq(a, b) and known_eq(a, c) for a, b, c in zip(lead_q, lead_k, lead_v)):
-        raise Refuse("batch dims of q, k, v differ (broadcasting matmul)")
+        raise Refused("batch dims of q, k, v differ (broadcasting matmul)")
     hq, hk, hv = q.shape[-3], kt.shape[-3], v.shape[-3]
     gqa = not known_eq(hq, hk)
     if not known_eq(hk, hv) or (gqa and not known_eq(hk, 1)):
-        raise Refuse("head counts of q, k, v differ in a way SDPA cannot take")
+        raise Refused("head counts of q, k, v differ in a way SDPA cannot take")
     for t, _ in s.additive:
         if not is_tensor_node(t):
             continue
         if fake(t).dtype != q.dtype:
-            raise Refuse(f"additive mask {t.name} is {fake(t).dtype} while q is {q.dtype}")
+            raise Refused(f"additive mask {t.name} is {fake(t).dtype} while q is {q.dtype}")
 
     graph = softmax.graph
     with graph.inserting_before(pv):
@@ -336,7 +348,7 @@ def _rewrite(site: Site, softmax: fx.Node) -> Outcome:
     if kernel is not None and kernel != "sdpa.math":  # a fused kernel never materializes scores/probabilities
         saved = sum(numel_hint(fake(t)) * fake(t).element_size() for t in (softmax.args[0], softmax))
     return Outcome(
-        rewritten=True, reason=notes, target="F.scaled_dot_product_attention", node=attn, output=result,
+        reason=notes, target="F.scaled_dot_product_attention", node=attn, output=result,
         replaced=[pv], details={"scale": "1/sqrt(head_dim)" if s.default_scale else s.scale,
                                 "sdpa_kernel": kernel or "unknown"},
         savings={"score_matrix_bytes": saved},
@@ -345,3 +357,6 @@ def _rewrite(site: Site, softmax: fx.Node) -> Outcome:
 
 def _norm(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
+
+
+PATTERN = Pattern("manual_attention", rewrite, applies_to="manual")

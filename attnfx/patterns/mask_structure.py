@@ -40,14 +40,12 @@ import torch.fx as fx
 from attnfx.backends import capabilities, execute
 from attnfx.backends import sdpa as sdpa_backend
 from attnfx.masks import Analysis, classify
-from attnfx.patterns._static import cheap, dependencies, evaluate, input_names, runtime_value
-from attnfx.rewriter.graph import fake, op_name, sdpa_args
-from attnfx.rewriter.site import Outcome, Site
+from attnfx.fx.graph import fake, replace_call
+from attnfx.fx.static import cheap, dependencies, evaluate, input_names, runtime_value
+from attnfx.patterns.base import Outcome, PassContext, Pattern, Refused, Site
 from attnfx.runtime import ops
 from attnfx.runtime.guards import Guard
 from attnfx.runtime.guards import add as add_guard
-
-NAME = "mask_structure"
 MAX_HELD_MASK_BYTES = 256 << 20  # masks passed in up to this size are specialized on (a copy is held)
 
 
@@ -76,22 +74,20 @@ def _original_kernel(args: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
     return kernel, dict(rows)
 
 
-def rewrite(site: Site, ctx: Any) -> Outcome | None:
+def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
     node = site.node
-    if op_name(node) != "sdpa":
-        return None
-    args = sdpa_args(node)
+    args = site.args()
     mask = args["attn_mask"]
     if mask is None or not isinstance(mask, fx.Node):
         return None
     if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0):
-        return Outcome.refuse(f"dropout_p={args['dropout_p']}")
+        raise Refused(f"dropout_p={args['dropout_p']}")
     m = fake(mask)
     if not (m.dtype == torch.bool or m.dtype.is_floating_point):
-        return Outcome.refuse(f"mask dtype {m.dtype}")
+        raise Refused(f"mask dtype {m.dtype}")
     tensors, ints, problem = dependencies(mask, node)
     if problem:
-        return Outcome.refuse(problem)
+        raise Refused(problem)
     original, no_key_rows = _original_kernel(args)
     q, k = fake(args["query"]), fake(args["key"])
     forced = ctx.options.kernel
@@ -110,7 +106,7 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
                           forced)
         if plan.kernel is None:
             if guard is None:
-                return Outcome.refuse(plan.why, **({"mask": _mask_detail(analysis, "static")} if analysis else {}))
+                raise Refused(plan.why, **({"mask": _mask_detail(analysis, "static")} if analysis else {}))
             plan = None  # nothing better for this mask passed in: the run-time op decides per mask
     if plan is not None:
         if guard is not None:
@@ -127,27 +123,24 @@ def rewrite(site: Site, ctx: Any) -> Outcome | None:
             record.details["mask"] = {"analysis": "runtime", **ops.describe(plan)}
 
         sid = ops.register(ops.SiteRuntime(namespace, no_key_rows, forced_kernel=forced, on_plan=on_plan,
-                                           autotune=ctx.options.autotune))
+                                           autotune=ctx.options.autotune), ctx.keepalive)
         target = torch.ops.attnfx.structured_attention.default
         new_args = (*call_args, mask, tensors, ints, sid, args["scale"], bool(args["enable_gqa"]))
         new_kwargs = {}
         detail = {"analysis": "runtime", "kind": "decided at the first call"}
 
-    graph = node.graph
-    with graph.inserting_before(node):
-        new = graph.call_function(target, new_args, new_kwargs)
-    new.meta.update({k: v for k, v in node.meta.items()})
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+    new = replace_call(node, target, new_args, new_kwargs)
     name = "attnfx::structured_attention" if detail["analysis"] == "runtime" else target.__name__
-    return Outcome(rewritten=True, target=name, node=new, output=new if site.output is node else None,
+    return Outcome(target=name, node=new, output=new if site.output is node else None,
                    details={"mask": detail, "original_kernel": original or "unknown"}, replaced=[mask])
 
 
-def _specialize(mask: fx.Node, node: fx.Node, ctx: Any) -> tuple[torch.Tensor | None, Guard | None]:
+def _specialize(mask: fx.Node, node: fx.Node, ctx: PassContext) -> tuple[torch.Tensor | None, Guard | None]:
     """A mask passed in (or computed cheaply from inputs): its value at the example call, and the guard that
     keeps the plan built from it exact — the mask equal to that value, checked once per distinct tensor."""
-    found = runtime_value(mask, node, getattr(ctx, "example_inputs", None))
+    if not ctx.specialize:
+        return None, None
+    found = runtime_value(mask, node, ctx.example_inputs)
     if found is None or not cheap(found[1]):
         return None, None
     value, prefix, inputs = found
@@ -164,3 +157,6 @@ def _specialize(mask: fx.Node, node: fx.Node, ctx: Any) -> tuple[torch.Tensor | 
 
 def _mask_detail(analysis: Analysis, how: str) -> dict[str, Any]:
     return {"analysis": how, **analysis.describe()}
+
+
+PATTERN = Pattern("mask_structure", rewrite, applies_to="sdpa", after=("gqa", "dead_tokens", "npu_attention"))

@@ -9,12 +9,17 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch.fx as fx
+from torch._dynamo.backends.debugging import aot_eager
+from torch._inductor.compile_fx import compile_fx
 
-from attnfx.rewriter.options import Options
+from attnfx.fx.sites import find_sites
+from attnfx.options import Options
+from attnfx.patterns import NAMES
 from attnfx.rewriter.passes import run_passes
 from attnfx.rewriter.report import Report
-from attnfx.rewriter.site import find_sites
 from attnfx.rewriter.verify import Verifier
+from attnfx.runtime.guards import Guarded
+from attnfx.runtime.invariants import InvariantCaching
 
 log = logging.getLogger("attnfx")
 
@@ -26,11 +31,7 @@ def inner_compile(options: Options, gm: fx.GraphModule, example_inputs: Sequence
     if compiler == "eager":
         return gm.forward
     if compiler == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
         return aot_eager(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-
     return compile_fx(gm, example_inputs, config_patches=dict(options.inductor_config) or None)
 
 
@@ -42,7 +43,8 @@ class Backend:
 
     def __init__(self, options: Mapping[str, Any] | Options | None = None, *, report: Report | None = None,
                  **more: Any):
-        self.options = options if isinstance(options, Options) else Options.from_mapping(options, **more)
+        self.options = options if isinstance(options, Options) else Options.from_mapping(
+            options, pattern_names=NAMES, **more)
         self.report = report if report is not None else Report()
         self.layers: dict = {}  # attention site -> layer index, across this backend's graphs
 
@@ -51,9 +53,10 @@ class Backend:
         captured = copy.deepcopy(gm.graph)
         start = time.perf_counter()
         guards: list = []
+        keepalive: list = []  # run-time state of the rewritten sites: lives as long as what we return
         try:
-            sites = run_passes(gm, self.options, index, self.layers, guards=guards,
-                               example_inputs=example_inputs if self.options.specialize else None)
+            sites = run_passes(gm, self.options, index, self.layers, guards=guards, keepalive=keepalive,
+                               example_inputs=example_inputs)
         except Exception as exc:
             if self.options.strict:
                 raise
@@ -74,12 +77,10 @@ class Backend:
         if self.options.verify and rewritten:
             compiled = Verifier(fx.GraphModule(gm, captured), gm, compiled, sites, self.options, self.report)
         if guards:
-            from attnfx.runtime.guards import Guarded
-
             # compiled now, within Dynamo's tracing context (data-dependent sizes need its shape environment)
             general = fx.GraphModule(gm, copy.deepcopy(captured))
             try:
-                run_passes(general, self.options, index, self.layers)  # no example inputs: nothing specialized
+                run_passes(general, self.options, index, self.layers, keepalive=keepalive)  # nothing specialized
             except Exception:
                 if self.options.strict:
                     raise
@@ -92,15 +93,24 @@ class Backend:
                 if mine:
                     site.record.details["specialized_on"] = mine
             compiled = Guarded(compiled, general_compiled, guards, index)
-        return compiled
+        return KeepAlive(compiled, keepalive) if keepalive else compiled
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], report_groups: list | None = None) -> Callable:
         if self.options.cache_invariants:
-            from attnfx.runtime.invariants import InvariantCaching
-
             return InvariantCaching(gm, example_inputs, lambda g, ex: inner_compile(self.options, g, ex),
                                     self.report.cached if report_groups is None else report_groups)
         return inner_compile(self.options, gm, example_inputs)
+
+
+class KeepAlive:
+    """The compiled graph, holding the run-time state its custom ops reach by id (``attnfx.runtime.ops``):
+    that state lives exactly as long as Dynamo keeps this callable."""
+
+    def __init__(self, compiled: Callable, keepalive: list):
+        self.compiled, self.keepalive = compiled, keepalive
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compiled(*args)
 
 
 DEFAULT_REPORT = Report()

@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 
+from attnfx.options import OptionsError
+from attnfx.rewriter.optimize import optimize, report
+from attnfx.rewriter.verify import VerificationError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -110,8 +114,6 @@ def _move(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
 
 
 def run_report(ns: argparse.Namespace):
-    import attnfx
-
     try:
         device = torch.device(ns.device)
     except RuntimeError as e:
@@ -125,21 +127,21 @@ def run_report(ns: argparse.Namespace):
         model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     args, kwargs = _move(args, device, dtype), _move(kwargs, device, dtype)
     try:
-        opt = attnfx.optimize(model, compiler=ns.compiler, verify=ns.verify, patterns=ns.patterns)
-    except attnfx.OptionsError as e:
+        opt = optimize(model, compiler=ns.compiler, verify=ns.verify, patterns=ns.patterns)
+    except OptionsError as e:
         raise CliError(str(e)) from e
     _progress(f"compiling and running once (inner compiler: {ns.compiler})")
     try:
         with torch.no_grad():
             opt(*args, **kwargs)
-    except attnfx.VerificationError as e:
+    except VerificationError as e:
         raise CliError(str(e)) from e
     except Exception as e:
         root = e
         while (root.__cause__ or root.__context__) is not None:  # Dynamo wraps the model's own error
             root = root.__cause__ or root.__context__
         raise CliError(f"running the optimized model raised {type(root).__name__}: {_first_line(root)}") from e
-    return attnfx.report(opt)
+    return report(opt)
 
 
 def _first_line(e: BaseException) -> str:
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.debug:  # torch logs its own tracebacks when a model fails under Dynamo: one line is ours to print
         torch._logging.set_logs(all=logging.CRITICAL)
     try:
-        report = run_report(ns)
+        result = run_report(ns)
     except CliError as e:
         if ns.debug:
             traceback.print_exc()
@@ -169,5 +171,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnfx: internal error: {type(e).__name__}: {_first_line(e)} (run with --debug for details)",
               file=sys.stderr)
         return 1
-    print(report.to_json(indent=2) if ns.json else report)
+    print(result.to_json(indent=2) if ns.json else result)
     return 0

@@ -1,64 +1,49 @@
-"""The pass manager: find the attention sites of a captured graph, run the patterns over them in
-order, clean up what they left unused, and return the sites with their records."""
+"""The pass manager: find the attention sites of a captured graph, run the patterns over them in the
+registry's order, clean up what they left unused, and return the sites with their records."""
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch.fx as fx
 
 from attnfx.backends.sdpa import describe_call
+from attnfx.fx.graph import Refused, erase_unused, op_name
+from attnfx.fx.sites import Site, find_sites
+from attnfx.options import Options
 from attnfx.patterns import ORDER
-from attnfx.rewriter.graph import RewriteError, erase_unused, op_name
-from attnfx.rewriter.options import Options
-from attnfx.rewriter.site import Outcome, Site, find_sites
-
-
-_uids = itertools.count()
-
-
-@dataclass
-class PassContext:
-    gm: fx.GraphModule
-    options: Options
-    graph_index: int
-    uid: int = field(default_factory=lambda: next(_uids))  # unique in the process, unlike graph_index
-    layers: dict = field(default_factory=dict)  # site key -> layer index, shared by a backend's graphs
-    example_inputs: Sequence[Any] | None = None  # real values: patterns may specialize on run-time index sets
-    guards: list = field(default_factory=list)  # ... and then say here what must be checked at run time
-
-    def layer_index(self, record) -> int:
-        """The attention site's index in the model, stable across recompilations (first seen, first numbered)."""
-        key = record.key[:3]
-        if key not in self.layers:
-            self.layers[key] = len(self.layers)
-        return self.layers[key]
+from attnfx.patterns.base import PassContext
 
 
 def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0, layers: dict | None = None,
-               example_inputs: Sequence[Any] | None = None, guards: list | None = None) -> list[Site]:
+               example_inputs: Sequence[Any] | None = None, guards: list | None = None,
+               keepalive: list | None = None) -> list[Site]:
     """Rewrite ``gm`` in place. Returns every attention site found, each with its record.
 
     With ``example_inputs`` (the real values of the call being compiled) a pattern may specialize the graph
-    on index sets passed in at run time; what must then hold at run time is appended to ``guards``.
+    on values passed in (``options.specialize``); what must then hold at run time is appended to ``guards``.
+    Run-time state the rewritten graph's ops reach is appended to ``keepalive``: the caller keeps it alive
+    as long as the compiled graph.
     """
-    ctx = PassContext(gm, options, graph_index, layers=layers if layers is not None else {},
-                      example_inputs=example_inputs)
+    ctx = PassContext(gm, options, graph_index, example_inputs=example_inputs,
+                      layers=layers if layers is not None else {},
+                      keepalive=keepalive if keepalive is not None else [])
     sites = find_sites(gm, graph_index)
     for pattern in ORDER:
-        if pattern.NAME not in options.patterns:
+        if pattern.name not in options.patterns or not pattern.enabled(options):
             continue
         for site in sites:
+            if not pattern.applies(site):
+                continue
             try:
                 outcome = pattern.rewrite(site, ctx)
-            except RewriteError as exc:
-                outcome = Outcome.refuse(f"rewrite could not be built ({exc})")
+            except Refused as refusal:
+                site.record.matched(pattern.name, rewritten=False, reason=refusal.reason, **refusal.details)
+                continue
             if outcome is None:
                 continue
-            site.record.matched(pattern.NAME, rewritten=outcome.rewritten, reason=outcome.reason,
-                                target=outcome.target, savings=outcome.savings, **outcome.details)
+            site.record.matched(pattern.name, rewritten=True, reason=outcome.reason, target=outcome.target,
+                                savings=outcome.savings, **outcome.details)
             if outcome.node is not None:
                 site.node = outcome.node
             if outcome.output is not None:

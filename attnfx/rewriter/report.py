@@ -1,6 +1,6 @@
 """What attnfx did, per attention site: records written by the passes, and the report built from them.
 
-A :class:`SiteRecord` is created when a site is found and is then filled by each pattern that
+A :class:`~attnfx.fx.sites.SiteRecord` is created when a site is found and is then filled by each pattern that
 looks at it (matched or not, rewritten or refused, why, what it saves). The :class:`Report` is only
 a collection of those records: it never walks a graph itself.
 """
@@ -8,81 +8,12 @@ a collection of those records: it never walks a graph itself.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-
-@dataclass
-class SiteRecord:
-    module: str
-    source: str
-    graph: int  # which captured graph (0, 1, ... in compile order)
-    index: int  # position of the site within its graph
-    kind: str  # "sdpa" | "manual"
-    patterns: list[str] = field(default_factory=list)  # every pattern that matched (applied or refused)
-    applied: list[str] = field(default_factory=list)  # those whose rewrite took effect
-    rewritten: bool = False
-    target: str = ""
-    reasons: list[str] = field(default_factory=list)
-    savings: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(self.reasons)
-
-    @property
-    def key(self) -> tuple:
-        return (self.module, self.source, self.details.get("occurrence", 0), self.details.get("shape"))
-
-    def matched(self, pattern: str, *, rewritten: bool, reason: str | None = None, target: str | None = None,
-                savings: dict[str, Any] | None = None, **details: Any) -> None:
-        """Record one pattern's outcome at this site."""
-        if pattern not in self.patterns:
-            self.patterns.append(pattern)
-        if rewritten:
-            self.rewritten = True
-            self.applied.append(pattern)
-        if target:
-            self.target = target
-        if reason:
-            self.reasons.append(f"{pattern}: {reason}")
-        for k, v in (savings or {}).items():
-            self.savings[k] = self.savings.get(k, 0) + v if isinstance(v, (int, float)) else v
-        self.details.update(details)
-
-    def note(self, reason: str) -> None:
-        self.reasons.append(reason)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "module": self.module,
-            "source": self.source,
-            "graph": self.graph,
-            "index": self.index,
-            "kind": self.kind,
-            "patterns": list(self.patterns),
-            "applied": list(self.applied),
-            "rewritten": self.rewritten,
-            "target": self.target,
-            "reason": self.reason,
-            "savings": _jsonable(self.savings),
-            **{k: _jsonable(v) for k, v in self.details.items() if k != "occurrence"},
-        }
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (torch.dtype, torch.device)):
-        return str(x)
-    if isinstance(x, (bool, int, float, str)) or x is None:
-        return x
-    return str(x)
+from attnfx._version import __version__
+from attnfx.fx.sites import SiteRecord
 
 
 class Report:
@@ -131,8 +62,6 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        from attnfx import __version__
-
         return {
             "attnfx": __version__,
             "torch": torch.__version__,

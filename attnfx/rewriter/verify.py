@@ -10,10 +10,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import written_roots
-from attnfx.rewriter.options import Options
+from attnfx.fx.graph import mutated_inputs
+from attnfx.fx.sites import Site
+from attnfx.options import Options
 from attnfx.rewriter.report import Report
-from attnfx.rewriter.site import Site
 
 log = logging.getLogger("attnfx")
 
@@ -31,12 +31,6 @@ class _Capture(fx.Interpreter):
         if n.name in self.names:
             self.values[n.name] = out
         return out
-
-
-def mutated_inputs(graph: fx.Graph) -> set[int]:
-    """Indices of placeholders that the graph writes to in place (through views)."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    return {placeholders.index(root) for root in written_roots(graph) if root.op == "placeholder"}
 
 
 def _difference(expected: Any, actual: Any, options: Options) -> str | None:

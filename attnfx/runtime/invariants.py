@@ -41,9 +41,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from attnfx.patterns._static import closure, replays_differently
-from attnfx.rewriter.graph import call_name, fake, numel_hint
-from attnfx.rewriter.verify import mutated_inputs
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from attnfx.fx.graph import call_name, fake, mutated_inputs, numel_hint
+from attnfx.fx.static import closure, replays_differently
 from attnfx.runtime.cache import InputCache, tensor_key
 
 log = logging.getLogger("attnfx")
@@ -216,8 +217,6 @@ def _values(g: Group, inputs: list) -> tuple:
 
 
 def _data_dependent_sizes(gm: fx.GraphModule) -> bool:
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
     return any(isinstance(fake(n), torch.Tensor) and free_unbacked_symbols(fake(n)) for n in gm.graph.nodes)
 
 

@@ -1,28 +1,38 @@
-"""``attnfx::structured_attention``: masked SDPA whose mask is only known at run time.
+"""The custom ops rewritten graphs call, and the per-site state they reach by an int id.
 
-The op is opaque to Inductor (a ``torch.library`` custom op with a fake impl; its backward is a custom op
+``attnfx::structured_attention``: masked SDPA whose mask is only known at run time. The op is opaque to Inductor (a ``torch.library`` custom op with a fake impl; its backward is a custom op
 too). At run time it looks the mask's plan up in the input cache — keyed on the *graph inputs* the mask is
 computed from, so a hit costs no device read and no host sync — and on a miss classifies the mask once
 (``attnfx.masks.classify``), verifies the structure by materializing it, chooses the kernel, and stores
 the plan. Every layer that uses the same mask shares that plan. A mask without structure (or whose rows
 with no allowed key cannot be reproduced) runs the original dense masked SDPA.
+
+``attnfx::npu_attention``: SDPA on Ascend's fused infer attention (``attnfx.backends.npu``), natively or with
+online FP8, the mask analysed once per distinct mask.
+
+Per-site state lives in :data:`SITES`, which holds it weakly: the compiled graph keeps it alive (the
+``keepalive`` list the backend attaches to what it returns), so it goes when the graph goes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
+import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from attnfx.backends import execute
-from attnfx.masks import Analysis, classify
+from attnfx.backends import execute, flex, npu
+from attnfx.fx.sites import SiteRecord
+from attnfx.masks import Analysis, allowed_of, classify
+from attnfx.runtime import steps
 from attnfx.runtime.cache import InputCache
 
 log = logging.getLogger("attnfx")
@@ -52,14 +62,37 @@ class SiteRuntime:
     last: tuple | None = None  # (signature, plan) of the previous call: the common case, checked first
 
 
-_SITES: dict[int, SiteRuntime] = {}
-_ids = itertools.count()
+class _Registry:
+    """Site id -> run-time state, held weakly (the compiled graph holds it through its keepalive list)."""
+
+    def __init__(self):
+        self._states: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def register(self, state: Any, keepalive: list) -> int:
+        with self._lock:
+            sid = next(self._ids)
+            self._states[sid] = state
+        keepalive.append(state)
+        return sid
+
+    def __getitem__(self, sid: int) -> Any:
+        return self._states[sid]
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def values(self) -> list:
+        return list(self._states.values())
 
 
-def register(site: SiteRuntime) -> int:
-    sid = next(_ids)
-    _SITES[sid] = site
-    return sid
+SITES = _Registry()
+
+
+def register(state: Any, keepalive: list) -> int:
+    """Register a site's run-time state; it lives as long as ``keepalive`` (the compiled graph's list)."""
+    return SITES.register(state, keepalive)
 
 
 def decide(analysis: Analysis | None, no_key_rows: dict[str, str], batch: int, q_len: int, kv_len: int, device,
@@ -79,8 +112,6 @@ def decide(analysis: Analysis | None, no_key_rows: dict[str, str], batch: int, q
 
 
 def _flex_mask(analysis: Analysis, q_len: int, kv_len: int, device):
-    from attnfx.backends import flex
-
     return flex.block_mask(analysis.structure.materialize(q_len, kv_len, device), q_len, kv_len)
 
 
@@ -89,8 +120,6 @@ def _run(plan: Plan, q, k, v, mask, scale, enable_gqa):
     if plan.kernel is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
     if plan.kernel == "flex":
-        from attnfx.backends import flex
-
         try:
             return flex.attention(q, k, v, plan.block_mask, scale=scale, enable_gqa=enable_gqa)
         except Exception as e:  # e.g. Inductor cannot lower it for this shape: the dense mask, exactly
@@ -142,15 +171,15 @@ def _time(fn, device, reps: int = 5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def plan_for(site: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, enable_gqa=False) -> Plan:
+def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, enable_gqa=False) -> Plan:
     batch, heads, q_len, kv_len = q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2]
 
     def analyse() -> Plan:
         analysis = classify(mask, batch, heads, q_len, kv_len)
-        plan = decide(analysis, site.no_key_rows, batch, q_len, kv_len, q.device, q.dtype, q.shape[-1],
-                      site.forced_kernel)
+        plan = decide(analysis, rt.no_key_rows, batch, q_len, kv_len, q.device, q.dtype, q.shape[-1],
+                      rt.forced_kernel)
         tunable = analysis is not None and (not analysis.empty_rows or plan.fill is not None)
-        if site.autotune and site.forced_kernel is None and tunable:
+        if rt.autotune and rt.forced_kernel is None and tunable:
             plan = _autotune(plan, q, k, v, mask, scale, enable_gqa)
         if plan.kernel == "flex" and plan.block_mask is None:
             plan.block_mask = _flex_mask(analysis, q_len, kv_len, q.device)
@@ -159,24 +188,24 @@ def plan_for(site: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None
     # the same tensor objects at the same _version as on the previous call: the same plan, no key to build
     signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(int(i) for i in key_ints),
                  tuple((id(t), t._version) for t in key_tensors))
-    if site.last is not None and site.last[0] == signature and all(r() is t for r, t in zip(site.last[2], key_tensors)):
-        return site.last[1]
-    namespace = (*site.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+    if rt.last is not None and rt.last[0] == signature and all(r() is t for r, t in zip(rt.last[2], key_tensors)):
+        return rt.last[1]
+    namespace = (*rt.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse)
-    site.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
+    rt.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
     return plan
 
 
-def _report(site: SiteRuntime, plan: Plan) -> None:
+def _report(rt: SiteRuntime, plan: Plan) -> None:
     """Tell the site's record about a new plan, or a plan whose kernel changed (a run-time fallback)."""
     now = (plan, plan.kernel, plan.why)
-    if site.on_plan is not None and (site.reported is None or any(a is not b for a, b in zip(site.reported, now))):
-        site.reported = now
-        site.on_plan(plan)
+    if rt.on_plan is not None and (rt.reported is None or any(a is not b for a, b in zip(rt.reported, now))):
+        rt.reported = now
+        rt.on_plan(plan)
 
 
-def _forward(q, k, v, mask, key_tensors, key_ints, site: int, scale, enable_gqa):
-    rt = _SITES[site]
+def _forward(q, k, v, mask, key_tensors, key_ints, site_id: int, scale, enable_gqa):
+    rt = SITES[site_id]
     plan = plan_for(rt, q, k, v, mask, key_tensors, key_ints, scale, enable_gqa)
     out = _run(plan, q, k, v, mask, scale, enable_gqa)
     _report(rt, plan)  # a new plan, or one whose kernel fell back while running
@@ -185,13 +214,13 @@ def _forward(q, k, v, mask, key_tensors, key_ints, site: int, scale, enable_gqa)
 
 @torch.library.custom_op("attnfx::structured_attention", mutates_args=())
 def structured_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                         key_tensors: list[torch.Tensor], key_ints: list[int], site: int,
+                         key_tensors: list[torch.Tensor], key_ints: list[int], site_id: int,
                          scale: Optional[float], enable_gqa: bool) -> torch.Tensor:
-    return _forward(q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa).contiguous()
+    return _forward(q, k, v, mask, key_tensors, key_ints, site_id, scale, enable_gqa).contiguous()
 
 
 @structured_attention.register_fake
-def _(q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa):
+def _(q, k, v, mask, key_tensors, key_ints, site_id, scale, enable_gqa):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -213,31 +242,31 @@ def _autograd_enabled():
 @torch.library.custom_op("attnfx::structured_attention_backward", mutates_args=())
 def structured_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   mask: torch.Tensor, key_tensors: list[torch.Tensor], key_ints: list[int],
-                                  site: int, scale: Optional[float], enable_gqa: bool
+                                  site_id: int, scale: Optional[float], enable_gqa: bool
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recomputes the forward under autograd with the same plan and differentiates it."""
     with _autograd_enabled():
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = _forward(qq, kk, vv, mask, key_tensors, key_ints, site, scale, enable_gqa)
+        out = _forward(qq, kk, vv, mask, key_tensors, key_ints, site_id, scale, enable_gqa)
         grads = torch.autograd.grad(out, (qq, kk, vv), grad, allow_unused=True)
     return tuple((g if g is not None else torch.zeros_like(t)).contiguous() for g, t in zip(grads, (q, k, v)))
 
 
 @structured_attention_backward.register_fake
-def _(grad, q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa):
+def _(grad, q, k, v, mask, key_tensors, key_ints, site_id, scale, enable_gqa):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, key_tensors, key_ints, site, scale, enable_gqa = inputs
+    q, k, v, mask, key_tensors, key_ints, site_id, scale, enable_gqa = inputs
     ctx.save_for_backward(q, k, v, mask, *key_tensors)
-    ctx.rest = (len(key_tensors), list(key_ints), site, scale, enable_gqa)
+    ctx.rest = (len(key_tensors), list(key_ints), site_id, scale, enable_gqa)
 
 
 def _backward(ctx, grad):
     q, k, v, mask, *key_tensors = ctx.saved_tensors
-    n, key_ints, site, scale, enable_gqa = ctx.rest
-    dq, dk, dv = torch.ops.attnfx.structured_attention_backward(grad, q, k, v, mask, key_tensors, key_ints, site,
+    n, key_ints, site_id, scale, enable_gqa = ctx.rest
+    dq, dk, dv = torch.ops.attnfx.structured_attention_backward(grad, q, k, v, mask, key_tensors, key_ints, site_id,
                                                                 scale, enable_gqa)
     return dq, dk, dv, None, [None] * n, [None] * len(key_ints), None, None, None
 
@@ -250,3 +279,65 @@ def describe(plan: Plan) -> dict[str, Any]:
     d["kernel"] = plan.kernel or "sdpa (dense mask kept)"
     d["why"] = plan.why
     return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# attnfx::npu_attention
+
+
+@dataclass(eq=False)
+class NpuSite:
+    """What the NPU op needs to know about one rewritten site."""
+
+    layer: int
+    fp8: bool
+    skip_steps: frozenset[int]
+    skip_layers: frozenset[int]
+    record: SiteRecord
+    analysable: bool = True  # the mask derives from graph inputs only: its analysis can be cached
+    calls: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))  # (step, quantized)
+
+
+def _npu_structure(site_id: int, q, k, mask, key_tensors, key_ints):
+    """The mask's structure, analysed once per distinct mask (the plan cache), if it has no empty rows."""
+    batch = q.shape[0]
+    analysis = PLANS.get_or_compute(("npu", site_id, tuple(q.shape), tuple(k.shape)), key_tensors, key_ints,
+                                    lambda: classify(mask, batch, q.shape[1], q.shape[2], k.shape[2]))
+    if analysis is None or analysis.empty_rows:
+        return None
+    return analysis.structure
+
+
+@torch.library.custom_op("attnfx::npu_attention", mutates_args=())
+def npu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                  key_tensors: list[torch.Tensor], key_ints: list[int], site_id: int, scale: Optional[float],
+                  is_causal: bool) -> torch.Tensor:
+    rt = SITES[site_id]
+    step = steps.current_step(rt.layer)
+    quantize = rt.fp8 and step not in rt.skip_steps and rt.layer not in rt.skip_layers
+    allowed = bias = structure = None
+    if mask is not None and rt.analysable:
+        structure = _npu_structure(site_id, q, k, mask, key_tensors, key_ints)
+    if mask is not None:
+        got = allowed_of(mask)
+        if got is None:
+            bias = mask if mask.dim() == 4 else mask.reshape(1, *([1] * (3 - mask.dim())), *mask.shape[-2:])
+        else:
+            allowed = got[0]
+            while allowed.dim() < 4:
+                allowed = allowed.unsqueeze(0)
+    out, call = npu.attention(q, k, v, allowed=allowed, bias=bias, causal="top_left" if is_causal else None,
+                              scale=scale, fp8=quantize, structure=structure)
+    rt.calls.append((step, quantize))
+    why = "FP8 (per-block, Hadamard-rotated Q/K)" if quantize else (
+        "native precision: " + ("step skipped" if step in rt.skip_steps else "layer skipped"
+                                if rt.layer in rt.skip_layers else "FP8 not requested"))
+    rt.record.details["npu"] = {"op": call.op, "layout": call.layout, "sparse_mode": call.sparse_mode,
+                                "quantized": quantize, "step": step, "layer": rt.layer, "why": why,
+                                "mask": structure.describe() if structure is not None else None}
+    return out.contiguous()
+
+
+@npu_attention.register_fake
+def _(q, k, v, mask, key_tensors, key_ints, site_id, scale, is_causal):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -1,4 +1,4 @@
-"""Small helpers over the FX graphs Dynamo captures.
+"""The FX toolkit: small helpers over the graphs Dynamo captures. It knows nothing of the patterns that use it.
 
 Dynamo keeps the user's spelling: ``x.reshape(...)`` is a ``call_method`` node, ``torch.reshape(x, ...)``
 a ``call_function`` node, ``x @ y`` an ``operator.matmul`` node. Patterns should not care, so every
@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings, statically_known_true
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -127,6 +127,7 @@ def sdpa_args(node: fx.Node) -> dict[str, Any]:
 
 
 def set_sdpa_args(node: fx.Node, args: dict[str, Any]) -> None:
+    """Write SDPA arguments back in one spelling: q, k, v positional, the rest by keyword."""
     node.args = (args["query"], args["key"], args["value"])
     node.kwargs = {k: args[k] for k in SDPA_ARGS[3:] if k in args and (args[k] is not SDPA_DEFAULTS[k] or k == "scale")}
 
@@ -215,21 +216,26 @@ def emit(
                 value = target(*fargs, **fkwargs)
     except Exception as exc:  # the rewrite built something ill-typed: never let it through silently
         graph.erase_node(node)
-        raise RewriteError(f"could not build {target} for the rewrite: {exc}") from exc
+        raise Refused(f"rewrite could not be built ({target}: {exc})") from exc
     node.meta["example_value"] = value
     shape_env = getattr(mode, "shape_env", None)
     if getattr(shape_env, "pending_fresh_unbacked_symbols", None):
         # a data-dependent size (masked_select & co.): bind its new symbol to this node, as Dynamo does
-        from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
-
         bindings = compute_unbacked_bindings(shape_env, value)
         if bindings:
             node.meta["unbacked_bindings"] = bindings
     return node
 
 
-class RewriteError(RuntimeError):
-    """A pattern's rewrite could not be built; the site is left as it was."""
+class Refused(Exception):
+    """A rewrite that must not, or cannot, be made: the site stays as it was and ``reason`` is reported.
+
+    The one way a pattern says no (also raised by :func:`emit` when a rewrite builds something ill-typed).
+    ``details`` go to the site's record."""
+
+    def __init__(self, reason: str, **details: Any):
+        super().__init__(reason)
+        self.reason, self.details = reason, details
 
 
 _INPLACE_OPS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
@@ -264,6 +270,12 @@ def written_roots(graph: fx.Graph) -> set[fx.Node]:
             if writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node)}
 
 
+def mutated_inputs(graph: fx.Graph) -> set[int]:
+    """Indices of placeholders that the graph writes to in place (through views)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return {placeholders.index(root) for root in written_roots(graph) if root.op == "placeholder"}
+
+
 def is_pure(node: fx.Node) -> bool:
     """Whether erasing an unused node cannot change what the graph does: no in-place or effectful op."""
     if node.op not in ("call_function", "call_method") or node.is_impure():
@@ -288,6 +300,18 @@ def erase_unused(nodes: Iterable[fx.Node]) -> int:
         erased += 1
         stack.extend(inputs)
     return erased
+
+
+def replace_call(node: fx.Node, target: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> fx.Node:
+    """A call of ``target`` in ``node``'s place: the same position, metadata (provenance, example value) and
+    users; ``node`` is erased. For swapping one attention call for another of the same result."""
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(target, tuple(args), kwargs or {})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
 
 
 # ---------------------------------------------------------------------------------------------

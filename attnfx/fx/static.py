@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from attnfx.rewriter.graph import aliases_input, call_name, fake, writes_in_place
+from attnfx.fx.graph import aliases_input, call_name, fake, writes_in_place
 
 RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
           "multinomial", "dropout", "uniform_", "normal_", "randperm"}
