@@ -20,18 +20,12 @@ the shape symbols), a layout proves the mapping for every shape the graph serves
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from attnfx.fx.graph import arg, fake, known_eq, known_one, op_name
-
-MOVEMENT_OPS = frozenset(
-    {"getitem", "unsqueeze", "expand", "repeat", "repeat_interleave", "reshape", "flatten",
-     "permute", "transpose", "contiguous", "clone", "to"}
-)
-
 
 @dataclass(frozen=True)
 class Atom:
@@ -89,83 +83,109 @@ def _regroup(layout: Layout, out_shape: Sequence[Any]) -> Layout:
 
 def step(node: fx.Node, layout: Layout) -> Layout:
     """The layout of ``node``'s output given the layout of its tensor operand (``node.args[0]``)."""
-    name = op_name(node)
     src_t, out_t = fake(node.args[0]), fake(node)
     if not isinstance(out_t, torch.Tensor) or not isinstance(src_t, torch.Tensor):
         raise NotMovement("not a tensor op")
-    nd_in, nd_out = src_t.dim(), out_t.dim()
-    if name in ("contiguous", "clone"):
-        return layout
-    if name == "to":
-        if out_t.dtype != src_t.dtype or out_t.device != src_t.device:
-            raise NotMovement("a real conversion")
-        return layout
-    if name == "getitem":
-        idx = node.args[1]
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
-        out, j = [], 0
-        for e in idx:
-            if e is None:
-                out.append(())
-            elif e is Ellipsis:
-                for _ in range(nd_in - n_real):
-                    out.append(layout[j])
-                    j += 1
-            elif isinstance(e, slice) and e == slice(None, None, None):
+    rule = MOVEMENT_RULES.get(op_name(node))
+    if rule is None:
+        raise NotMovement(f"{op_name(node)} is not an index movement")
+    return rule(node, layout, src_t, out_t)
+
+
+def _same(node, layout, src_t, out_t) -> Layout:
+    return layout
+
+
+def _to(node, layout, src_t, out_t) -> Layout:
+    if out_t.dtype != src_t.dtype or out_t.device != src_t.device:
+        raise NotMovement("a real conversion")
+    return layout
+
+
+def _getitem(node, layout, src_t, out_t) -> Layout:
+    idx = node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    n_real = sum(1 for e in idx if e is not None and e is not Ellipsis)
+    out, j = [], 0
+    for e in idx:
+        if e is None:
+            out.append(())
+        elif e is Ellipsis:
+            for _ in range(src_t.dim() - n_real):
                 out.append(layout[j])
                 j += 1
+        elif isinstance(e, slice) and e == slice(None, None, None):
+            out.append(layout[j])
+            j += 1
+        else:
+            raise NotMovement("indexing selects elements")
+    return tuple(out) + tuple(layout[j:])
+
+
+def _unsqueeze(node, layout, src_t, out_t) -> Layout:
+    d = _norm(arg(node, 1, "dim"), src_t.dim() + 1)
+    return layout[:d] + ((),) + layout[d:]
+
+
+def _broadcast(node, layout, src_t, out_t) -> Layout:
+    """``expand`` (size-1 dims broadcast) and ``repeat`` (tiles: the copy index is the outer one)."""
+    repeat = op_name(node) == "repeat"
+    reps = _sizes(node.args[1:]) if repeat else None
+    lead = out_t.dim() - src_t.dim()
+    out = []
+    for d, size in enumerate(out_t.shape):
+        if d < lead:
+            out.append(() if known_one(size) else (Atom("rep", size),))
+            continue
+        atoms, src_size = layout[d - lead], src_t.shape[d - lead]
+        if not repeat:
+            if known_eq(size, src_size):
+                out.append(atoms)
+            elif known_one(src_size):
+                out.append((Atom("rep", size),))
             else:
-                raise NotMovement("indexing selects elements")
-        return tuple(out) + tuple(layout[j:])
-    if name == "unsqueeze":
-        d = _norm(arg(node, 1, "dim"), nd_in + 1)
-        return layout[:d] + ((),) + layout[d:]
-    if name in ("expand", "repeat"):
-        reps = _sizes(node.args[1:]) if name == "repeat" else None
-        lead = nd_out - nd_in
-        out = []
-        for d, size in enumerate(out_t.shape):
-            if d < lead:
-                out.append(() if known_one(size) else (Atom("rep", size),))
-                continue
-            atoms = layout[d - lead]
-            if name == "expand":
-                if known_eq(size, src_t.shape[d - lead]):
-                    out.append(atoms)
-                elif known_one(src_t.shape[d - lead]):
-                    out.append((Atom("rep", size),))
-                else:
-                    raise NotMovement("expand of a non-singleton dim")
-            else:
-                r = reps[d]
-                if known_one(r):
-                    out.append(atoms)
-                elif known_one(src_t.shape[d - lead]):
-                    out.append((Atom("rep", r),))
-                else:
-                    out.append((Atom("rep", r),) + tuple(atoms))  # repeat tiles: outer copy index
-        return tuple(out)
-    if name == "repeat_interleave":
-        repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
-        if dim is None or isinstance(fake(repeats), torch.Tensor):
-            raise NotMovement("repeat_interleave over a flattened input or with per-element counts")
-        d = _norm(dim, nd_in)
-        r = fake(repeats)
-        out = list(layout)
-        out[d] = tuple(layout[d]) + (Atom("rep", r),)
-        return tuple(out)
-    if name in ("reshape", "flatten"):
-        return _regroup(layout, list(out_t.shape))
-    if name == "permute":
-        dims = [_norm(d, nd_in) for d in _sizes(node.args[1:])]
-        return tuple(layout[d] for d in dims)
-    if name == "transpose":
-        a, b = _norm(arg(node, 1, "dim0"), nd_in), _norm(arg(node, 2, "dim1"), nd_in)
-        out = list(layout)
-        out[a], out[b] = out[b], out[a]
-        return tuple(out)
-    raise NotMovement(f"{name} is not an index movement")
+                raise NotMovement("expand of a non-singleton dim")
+        elif known_one(reps[d]):
+            out.append(atoms)
+        elif known_one(src_size):
+            out.append((Atom("rep", reps[d]),))
+        else:
+            out.append((Atom("rep", reps[d]),) + tuple(atoms))
+    return tuple(out)
+
+
+def _repeat_interleave(node, layout, src_t, out_t) -> Layout:
+    repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    if dim is None or isinstance(fake(repeats), torch.Tensor):
+        raise NotMovement("repeat_interleave over a flattened input or with per-element counts")
+    d = _norm(dim, src_t.dim())
+    out = list(layout)
+    out[d] = tuple(layout[d]) + (Atom("rep", fake(repeats)),)
+    return tuple(out)
+
+
+def _reshape(node, layout, src_t, out_t) -> Layout:
+    return _regroup(layout, list(out_t.shape))
+
+
+def _permute(node, layout, src_t, out_t) -> Layout:
+    return tuple(layout[_norm(d, src_t.dim())] for d in _sizes(node.args[1:]))
+
+
+def _transpose(node, layout, src_t, out_t) -> Layout:
+    a, b = _norm(arg(node, 1, "dim0"), src_t.dim()), _norm(arg(node, 2, "dim1"), src_t.dim())
+    out = list(layout)
+    out[a], out[b] = out[b], out[a]
+    return tuple(out)
+
+
+# one rule per movement op (by normalised op name): adding an op is one entry
+MOVEMENT_RULES: dict[str, Callable[..., Layout]] = {
+    "contiguous": _same, "clone": _same, "to": _to, "getitem": _getitem, "unsqueeze": _unsqueeze,
+    "expand": _broadcast, "repeat": _broadcast, "repeat_interleave": _repeat_interleave,
+    "reshape": _reshape, "flatten": _reshape, "permute": _permute, "transpose": _transpose,
+}
+MOVEMENT_OPS = frozenset(MOVEMENT_RULES)
 
 
 def trace(node: fx.Node, max_depth: int = 12) -> list[tuple[fx.Node, Layout, list[fx.Node]]]:
@@ -176,7 +196,7 @@ def trace(node: fx.Node, max_depth: int = 12) -> list[tuple[fx.Node, Layout, lis
     """
     chain: list[fx.Node] = []
     cur = node
-    while (op_name(cur) in MOVEMENT_OPS and isinstance(cur.args[0], fx.Node)
+    while (op_name(cur) in MOVEMENT_OPS and cur.args and isinstance(cur.args[0], fx.Node)
            and isinstance(fake(cur.args[0]), torch.Tensor) and len(chain) < max_depth):
         chain.append(cur)
         cur = cur.args[0]

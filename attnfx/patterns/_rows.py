@@ -14,13 +14,14 @@ propagations below rest on:
   cannot follow, the rows are padded back to full size (the padding is, by the caller's liveness proof,
   never read).
 
-The op table is :func:`input_axes`; everything else goes through it.
+The op table is ``ROW_RULES`` behind :func:`input_axes`; everything else goes through it.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -28,14 +29,6 @@ import torch.nn.functional as F
 
 from attnfx.fx.graph import (aliases_input, alias_root, arg, call_name, emit, fake, is_pure, known_eq,
                                    written_roots)
-
-UNARY = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "silu", "gelu",
-         "relu", "tanh", "sigmoid", "neg", "exp", "rsqrt", "sqrt", "abs", "sin", "cos", "detach"}
-ELEMENTWISE = {"add", "sub", "mul", "div", "where", "masked_fill", "maximum", "minimum", "pow", "__neg__"}
-NORMS = {"layer_norm", "rms_norm"}  # normalize over the last len(normalized_shape) dims
-REDUCTIONS = {"mean", "sum", "amax", "amin"}
-RESHAPES = {"reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}  # "view" is normalised to "reshape"
-
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if isinstance(fake(n), torch.Tensor)]
@@ -55,9 +48,48 @@ def _prod(xs) -> Any:
     return p
 
 
-def input_axes(node: fx.Node, o: int) -> dict[fx.Node, int | None] | None:
+Axes = dict  # tensor input -> the axis carrying the rows, or None (read whole)
+
+
+@dataclass
+class _Op:
+    """A single-tensor-valued call seen from its output axis ``o``: what each rule below looks at."""
+
+    node: fx.Node
+    o: int
+    out: torch.Tensor
+    ins: list[fx.Node]  # tensor inputs
+
+    @property
+    def nd(self) -> int:
+        return self.out.dim()
+
+    @property
+    def length(self) -> Any:
+        return self.out.shape[self.o]
+
+    @property
+    def x(self) -> fx.Node | None:
+        """The tensor operand (the first positional argument), if it is one of the tensor inputs."""
+        a = self.node.args[0] if self.node.args else None
+        return a if isinstance(a, fx.Node) and a in self.ins else None
+
+    def same(self, axis: int) -> Axes | None:
+        """Rows along ``axis`` of the operand, the other inputs read whole."""
+        x = self.x
+        xt = fake(x)
+        if 0 <= axis < xt.dim() and known_eq(xt.shape[axis], self.length):
+            return {**{n: None for n in self.ins if n is not x}, x: axis}
+        return None
+
+    def same_rank(self) -> bool:
+        return fake(self.x).dim() == self.nd
+
+
+def input_axes(node: fx.Node, o: int) -> Axes | None:
     """If ``node`` is row-wise along its output axis ``o``: for each tensor input, the axis that carries the
-    rows (``None``: the input is read whole, e.g. it broadcasts along ``o`` or is a weight). Else None."""
+    rows (``None``: the input is read whole, e.g. it broadcasts along ``o`` or is a weight). Else None.
+    One rule per op (``ROW_RULES``); an op without a rule is not row-wise."""
     if node.op not in ("call_function", "call_method") or not is_pure(node):
         return None
     out = fake(node)
@@ -65,93 +97,164 @@ def input_axes(node: fx.Node, o: int) -> dict[fx.Node, int | None] | None:
         return _split_axes(node, o)
     if not isinstance(out, torch.Tensor) or not 0 <= o < out.dim():
         return None
-    length, name, nd = out.shape[o], call_name(node), out.dim()
-    if name == "getitem" and isinstance(fake(node.args[0]), (tuple, list)) and isinstance(node.args[1], int):
-        src = node.args[0]  # one piece of a split: rows along the split's input axis
-        unbound = call_name(src) == "unbind"
-        d = _split_dim(src)
-        return None if d is None else {src: o + 1 if unbound and o >= d else o}
-    ins = _tensor_inputs(node)
-    if name == "stack":
-        d = arg(node, 1, "dim", 0) % nd
-        parts = node.args[0]
-        if d == o or not all(isinstance(p, fx.Node) and isinstance(fake(p), torch.Tensor) for p in parts):
-            return None
-        return {p: o - (o > d) for p in parts}
-    if name == "cat":
-        dim = arg(node, 1, "dim", 0) % nd
-        parts = node.args[0]
-        if dim == o or not all(isinstance(p, fx.Node) and fake(p).dim() == nd and known_eq(fake(p).shape[o], length)
-                               for p in parts):
-            return None
-        return {p: o for p in parts}
-    if not ins or not isinstance(node.args[0], fx.Node) or node.args[0] not in ins:
+    name = call_name(node)
+    if name == "getitem" and node.args and isinstance(fake(node.args[0]), (tuple, list)):
+        return _piece(node, o)
+    rule = ROW_RULES.get(name)
+    if rule is None:
         return None
-    x = node.args[0]
-    xt = fake(x)
-    rest = {n: None for n in ins if n is not x}
+    op = _Op(node, o, out, _tensor_inputs(node))
+    if name not in ("stack", "cat") and op.x is None:
+        return None  # the tensor operand is not the first argument (or is passed by keyword): not followed
+    return rule(op)
 
-    def same(axis: int) -> dict | None:
-        if 0 <= axis < xt.dim() and known_eq(xt.shape[axis], length):
-            return {**rest, x: axis}
-        return None
 
-    if name == "dropout" and arg(node, 2, "training", arg(node, 2, "train", True)) is False:
-        return same(o) if xt.dim() == nd else None  # the identity; active dropout draws per element: refused
-    if name in UNARY or name in ("softmax", "log_softmax"):
-        if name in ("softmax", "log_softmax") and _dims(arg(node, 1, "dim"), nd) in (None, [o]):
-            return None
-        return same(o) if xt.dim() == nd else None
-    if name in ELEMENTWISE:
-        axes: dict[fx.Node, int | None] = {}
-        for n in ins:
-            t = fake(n)
-            a = o - (nd - t.dim())
-            if a < 0 or (known_eq(t.shape[a], 1) and not known_eq(length, 1)):
-                axes[n] = None  # broadcast along the rows
-            elif known_eq(t.shape[a], length):
-                axes[n] = a
-            else:
-                return None
-        return axes
-    if name == "linear" or (name == "matmul" and len(ins) == 2 and fake(ins[1]).dim() == 2 and xt.dim() >= 2):
-        return same(o) if o < nd - 1 and xt.dim() == nd else None
-    if name in NORMS:
-        shape = arg(node, 1, "normalized_shape")
-        k = len(shape) if isinstance(shape, (list, tuple)) else 1
-        return same(o) if o < nd - k else None
-    if name in REDUCTIONS:
-        dims = _dims(arg(node, 1, "dim"), xt.dim())
-        if not dims:
-            return None
-        kept = [d for d in range(xt.dim()) if d not in dims]
-        if arg(node, 2, "keepdim", False):
-            return same(o) if o not in dims else None
-        return same(kept[o]) if o < len(kept) else None
-    if name == "transpose":
-        a, b = arg(node, 1, "dim0") % nd, arg(node, 2, "dim1") % nd
-        return same(b if o == a else a if o == b else o)
-    if name == "permute":
-        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        return same(dims[o] % nd)
-    if name == "expand":
-        a = o - (nd - xt.dim())
-        if a < 0 or (known_eq(xt.shape[a], 1) and not known_eq(length, 1)):
-            return {**rest, x: None}
-        return same(a)
-    if name in RESHAPES:
-        if name == "squeeze" and len(node.args) < 2 and "dim" not in node.kwargs:
-            return None  # squeezes whatever is 1, possibly the narrowed rows
-        before = _prod(out.shape[:o])
-        for a in range(xt.dim()):
-            if known_eq(_prod(xt.shape[:a]), before) and known_eq(xt.shape[a], length):
-                if name == "unflatten" and arg(node, 1, "dim") % xt.dim() == a:
-                    return None  # the rows themselves are unflattened
-                return same(a)
+def _piece(node: fx.Node, o: int) -> Axes | None:
+    """One piece of a split/chunk/unbind: rows along the split's input axis."""
+    src = node.args[0]
+    if not isinstance(node.args[1], int):
         return None
-    if name == "getitem":
-        return _getitem_axes(node, xt, o, rest, x)
+    d = _split_dim(src)
+    return None if d is None else {src: o + 1 if call_name(src) == "unbind" and o >= d else o}
+
+
+def _stack(op: _Op) -> Axes | None:
+    d = arg(op.node, 1, "dim", 0) % op.nd
+    parts = arg(op.node, 0, "tensors")
+    if d == op.o or not all(isinstance(p, fx.Node) and isinstance(fake(p), torch.Tensor) for p in parts):
+        return None
+    return {p: op.o - (op.o > d) for p in parts}
+
+
+def _cat(op: _Op) -> Axes | None:
+    dim = arg(op.node, 1, "dim", 0) % op.nd
+    parts = arg(op.node, 0, "tensors")
+    if dim == op.o or not all(isinstance(p, fx.Node) and fake(p).dim() == op.nd
+                              and known_eq(fake(p).shape[op.o], op.length) for p in parts):
+        return None
+    return {p: op.o for p in parts}
+
+
+def _dropout(op: _Op) -> Axes | None:
+    if arg(op.node, 2, "training", arg(op.node, 2, "train", True)) is not False:
+        return None  # active dropout draws per element
+    return op.same(op.o) if op.same_rank() else None
+
+
+def _unary(op: _Op) -> Axes | None:
+    return op.same(op.o) if op.same_rank() else None
+
+
+def _softmax(op: _Op) -> Axes | None:
+    if _dims(arg(op.node, 1, "dim"), op.nd) in (None, [op.o]):
+        return None  # normalises over the rows
+    return _unary(op)
+
+
+def _elementwise(op: _Op) -> Axes | None:
+    axes: Axes = {}
+    for n in op.ins:
+        t = fake(n)
+        a = op.o - (op.nd - t.dim())
+        if a < 0 or (known_eq(t.shape[a], 1) and not known_eq(op.length, 1)):
+            axes[n] = None  # broadcast along the rows
+        elif known_eq(t.shape[a], op.length):
+            axes[n] = a
+        else:
+            return None
+    return axes
+
+
+def _linear(op: _Op) -> Axes | None:
+    if op.o >= op.nd - 1 or not op.same_rank():
+        return None
+    return op.same(op.o)
+
+
+def _matmul(op: _Op) -> Axes | None:
+    """x @ W with a 2-D weight: a linear layer."""
+    if len(op.ins) != 2 or fake(op.ins[1]).dim() != 2 or fake(op.x).dim() < 2:
+        return None
+    return _linear(op)
+
+
+def _norm(op: _Op) -> Axes | None:
+    """layer_norm / rms_norm normalise over the last len(normalized_shape) dims."""
+    shape = arg(op.node, 1, "normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    return op.same(op.o) if op.o < op.nd - k else None
+
+
+def _reduction(op: _Op) -> Axes | None:
+    xt = fake(op.x)
+    dims = _dims(arg(op.node, 1, "dim"), xt.dim())
+    if not dims:
+        return None
+    if arg(op.node, 2, "keepdim", False):
+        return op.same(op.o) if op.o not in dims else None
+    kept = [d for d in range(xt.dim()) if d not in dims]
+    return op.same(kept[op.o]) if op.o < len(kept) else None
+
+
+def _transpose(op: _Op) -> Axes | None:
+    a, b = arg(op.node, 1, "dim0") % op.nd, arg(op.node, 2, "dim1") % op.nd
+    return op.same(b if op.o == a else a if op.o == b else op.o)
+
+
+def _permute(op: _Op) -> Axes | None:
+    dims = op.node.args[1] if isinstance(op.node.args[1], (list, tuple)) else op.node.args[1:]
+    return op.same(dims[op.o] % op.nd)
+
+
+def _expand(op: _Op) -> Axes | None:
+    xt = fake(op.x)
+    a = op.o - (op.nd - xt.dim())
+    if a < 0 or (known_eq(xt.shape[a], 1) and not known_eq(op.length, 1)):
+        return {**{n: None for n in op.ins if n is not op.x}, op.x: None}
+    return op.same(a)
+
+
+def _reshape(op: _Op) -> Axes | None:
+    """A reshape that keeps the row axis whole, with the same number of elements before it."""
+    name, xt = call_name(op.node), fake(op.x)
+    if name == "squeeze" and len(op.node.args) < 2 and "dim" not in op.node.kwargs:
+        return None  # squeezes whatever is 1, possibly the narrowed rows
+    before = _prod(op.out.shape[:op.o])
+    for a in range(xt.dim()):
+        if known_eq(_prod(xt.shape[:a]), before) and known_eq(xt.shape[a], op.length):
+            if name == "unflatten" and arg(op.node, 1, "dim") % xt.dim() == a:
+                return None  # the rows themselves are unflattened
+            return op.same(a)
     return None
+
+
+def _getitem(op: _Op) -> Axes | None:
+    """``x[idx]`` with basic indexing that leaves the input axis mapped to ``o`` whole."""
+    xt = fake(op.x)
+    idx = expand_index(op.node.args[1], xt.dim())
+    if _runtime_bounds(idx) or not all(e is None or isinstance(e, (int, slice)) for e in idx):
+        return None
+    for e, dim, out in index_dims(idx):
+        if out == op.o:
+            full = isinstance(e, slice) and e.start in (None, 0) and e.stop is None and e.step in (None, 1)
+            return op.same(dim) if full else None
+    return None
+
+
+UNARY = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "silu", "gelu",
+         "relu", "tanh", "sigmoid", "neg", "exp", "rsqrt", "sqrt", "abs", "sin", "cos", "detach"}
+ELEMENTWISE = {"add", "sub", "mul", "div", "where", "masked_fill", "maximum", "minimum", "pow", "__neg__"}
+
+# the row-wise ops, one rule each (by normalised op name): adding an op is one entry
+ROW_RULES: dict[str, Callable[[_Op], Axes | None]] = {
+    **dict.fromkeys(UNARY, _unary), **dict.fromkeys(ELEMENTWISE, _elementwise),
+    "softmax": _softmax, "log_softmax": _softmax, "dropout": _dropout, "linear": _linear, "matmul": _matmul,
+    "layer_norm": _norm, "rms_norm": _norm, **dict.fromkeys(("mean", "sum", "amax", "amin"), _reduction),
+    "transpose": _transpose, "permute": _permute, "expand": _expand,
+    # "view" is normalised to "reshape"
+    **dict.fromkeys(("reshape", "flatten", "unflatten", "unsqueeze", "squeeze"), _reshape),
+    "getitem": _getitem, "stack": _stack, "cat": _cat,
+}
 
 
 SPLITS = {"split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1}  # the position of their dim argument
@@ -206,18 +309,6 @@ def index_dims(idx: list):
 
 def _runtime_bounds(idx: list) -> bool:
     return any(isinstance(e, slice) and any(isinstance(v, fx.Node) for v in (e.start, e.stop, e.step)) for e in idx)
-
-
-def _getitem_axes(node: fx.Node, xt: torch.Tensor, o: int, rest: dict, x: fx.Node):
-    """``x[idx]`` with basic indexing that leaves the input axis mapped to ``o`` whole."""
-    idx = expand_index(node.args[1], xt.dim())
-    if _runtime_bounds(idx) or not all(e is None or isinstance(e, (int, slice)) for e in idx):
-        return None
-    for e, dim, out in index_dims(idx):
-        if out == o:
-            full = isinstance(e, slice) and e.start in (None, 0) and e.stop is None and e.step in (None, 1)
-            return {**rest, x: dim} if full else None
-    return None
 
 
 def forward(node: fx.Node, src: fx.Node, axis: int) -> tuple[int, dict] | None:
