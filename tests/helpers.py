@@ -40,6 +40,12 @@ class Compiled:
         return [n for g in self.graphs for n in g.graph.nodes if op_name(n) == "sdpa"]
 
 
+def repeat_kv(x, n):
+    """HF transformers' repeat_kv: (b, hkv, s, d) -> (b, hkv * n, s, d), head h reading K/V head h // n."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
 def assert_same(actual, expected, dtype=None):
     dtype = dtype or expected.dtype
     tol = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-7, 1e-7), torch.bfloat16: (2e-2, 2e-2),

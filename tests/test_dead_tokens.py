@@ -1,8 +1,6 @@
 """dead_tokens: query rows nobody reads and key columns nobody may attend are not computed — exact on
 every row that is read; when liveness cannot be proven, nothing is dropped."""
 
-import os
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,6 @@ from helpers import Compiled, assert_same
 
 from attnfx.fx.graph import op_name, sdpa_args
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import hunyuan_image3 as hy  # noqa: E402
 
 T, N = 20, 64

@@ -1,15 +1,12 @@
 """The HunyuanImage3 and Bagel reproductions in examples/, optimized: outputs equal the original's and the
 report says what was found (the K/V expansion, the mask structures) at every step."""
 
-import os
-import sys
 
 import pytest
 import torch
 
 import attnfx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import bagel  # noqa: E402
 import hunyuan_image3 as hy  # noqa: E402
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from functools import partial
 
-from helpers import Compiled, assert_same
+from helpers import Compiled, assert_same, repeat_kv
 
 from attnfx.patterns import gqa
 from attnfx.patterns._layout import trace
@@ -18,8 +18,8 @@ H = HKV * N
 
 # each spelling: (layout of the K/V it receives, function to the (B, H, S, D) tensor SDPA gets)
 def hf_repeat_kv(x, n=N):
-    b, h, s, d = x.shape
-    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+    return repeat_kv(x, n)
+
 
 
 SPELLINGS = {

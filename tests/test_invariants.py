@@ -1,15 +1,12 @@
 """Per-step invariant caching on a FLUX/Wan-like DiT loop: values computed once per distinct input,
 outputs bit-identical to not caching, recomputed when the text changes or is edited in place."""
 
-import os
-import sys
 
 import pytest
 import torch
 
 import attnfx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import dit_loop as dit  # noqa: E402
 
 

@@ -7,17 +7,12 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Compiled, assert_same
+from helpers import Compiled, assert_same, repeat_kv
 
 from attnfx.fx.graph import op_name
 
 B, H, HKV, L, S, D = 2, 4, 2, 6, 6, 16
 Compiled = partial(Compiled, patterns=["manual_attention", "gqa"])  # these two patterns alone
-
-
-def repeat_kv(x, n):
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
 
 
 def hf_eager(q, k, v, mask, training=False):

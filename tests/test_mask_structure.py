@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Compiled, assert_same
+from helpers import Compiled, assert_same, repeat_kv
 
 from attnfx.backends import execute, reference
 from attnfx.masks import (BlockDiagonal, Causal, General, NoMask, Padding, RowGroups, Segment, allowed_of,
@@ -106,13 +106,8 @@ def test_kernels_compute_the_masked_attention(name, fill, kernel):
 # ------------------------------------------------------------------------- through the compiler: runtime
 
 
-def repeat_kv(x, n=H // HKV):
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
-
-
 def gqa_sdpa(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, H // HKV), repeat_kv(v, H // HKV), attn_mask=mask)
 
 
 @pytest.mark.parametrize("spelling", ["bool", "-inf", "finfo.min"])

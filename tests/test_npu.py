@@ -1,7 +1,6 @@
 """Ascend NPU targets against a CPU emulator of the fused infer attention op's contract (no NPU here):
 native and FP8 outputs vs references, the exact arguments passed, step/layer selectors, clear errors."""
 
-import os
 import sys
 
 import pytest
@@ -12,7 +11,6 @@ import attnfx
 import npu_emulator as emu
 from attnfx.runtime import ops
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import dit_loop as dit  # noqa: E402
 
 

@@ -18,6 +18,7 @@ Used by the mask analysis (plans per distinct mask) and the per-step invariant c
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
@@ -49,6 +50,16 @@ class _Entry:
         return not any(r.expired() for r in self.refs)
 
 
+_ALL: "weakref.WeakSet[InputCache]" = weakref.WeakSet()
+
+
+def clear_all() -> None:
+    """Empty every input cache of the process and reset its statistics."""
+    for cache in list(_ALL):
+        cache.clear()
+        cache.stats = CacheStats()
+
+
 class InputCache:
     """An LRU map from (namespace, graph-input identities, ints) to a computed value, bounded in entries and bytes."""
 
@@ -58,6 +69,7 @@ class InputCache:
         self._lock = threading.Lock()
         self.stats = CacheStats()
         self.nbytes = 0
+        _ALL.add(self)
 
     def key(self, namespace: Hashable, tensors: Sequence[torch.Tensor], ints: Sequence[Any] = ()) -> tuple:
         parts, refs = [], []

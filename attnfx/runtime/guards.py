@@ -27,7 +27,7 @@ from attnfx.runtime.cache import InputCache
 log = logging.getLogger("attnfx")
 
 CHECKS = InputCache(max_entries=1024)
-VARYING_AFTER = 4  # new values in a row after which the checks stop and the general graph runs
+STOP_CHECKING_AFTER = 4  # new values in a row after which the checks stop and the general graph runs
 _uids = itertools.count()
 
 
@@ -52,7 +52,7 @@ class Guard:
     @property
     def varying(self) -> bool:
         """A different value on every recent call: checking costs a host sync each time, for nothing."""
-        return self.new_in_a_row >= VARYING_AFTER
+        return self.new_in_a_row >= STOP_CHECKING_AFTER
 
     def check(self, args: Sequence[Any]) -> bool:
         tensors = [args[i] for i in self.inputs]

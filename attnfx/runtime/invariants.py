@@ -50,7 +50,7 @@ from attnfx.runtime.cache import InputCache, tensor_key
 log = logging.getLogger("attnfx")
 
 INVARIANTS = InputCache(max_entries=256, max_bytes=4 << 30)
-VARYING_AFTER = 3  # consecutive misses before a group counts as varying
+MISSES_BEFORE_VARYING = 3  # consecutive misses before a group counts as varying
 
 _VIEW_NAMES = {"getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "t",
                "contiguous", "flatten", "narrow", "select", "to", "detach", "size", "dim", "float", "half",
@@ -77,7 +77,7 @@ class Group:
 
     @property
     def varying(self) -> bool:
-        return self.misses_in_a_row >= VARYING_AFTER
+        return self.misses_in_a_row >= MISSES_BEFORE_VARYING
 
     def describe(self) -> dict[str, Any]:
         return {"computes": self.what, "values": len(self.cuts), "found": self.phase,
@@ -85,7 +85,7 @@ class Group:
                 "hits": self.hits}
 
 
-class Analysis:
+class Dependencies:
     """Dependency sets of a graph's nodes and the candidate cuts."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
@@ -233,23 +233,23 @@ class InvariantCaching:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Callable,
                  report_groups: list):
-        self.analysis = Analysis(gm, example_inputs)
+        self.deps = Dependencies(gm, example_inputs)
         self.compile_fn = compile_fn
         self.report_groups = report_groups
-        groups = self.analysis.groups(set(), "compile time")
+        groups = self.deps.groups(set(), "compile time")
         self.base = self._variant(groups, example_inputs, fake_extras=True)
         self.current = self.base
         # learned variants are compiled later, outside Dynamo's tracing context: only for graphs whose
         # shapes are all known (no symbolic input sizes, no data-dependent sizes from masked_select & co.)
         static = not any(isinstance(x, torch.SymInt) for x in example_inputs) and not _data_dependent_sizes(gm)
-        learnable = {i for n in self.analysis.candidates for i in self.analysis.deps[n] & self.analysis.tensor_inputs}
+        learnable = {i for n in self.deps.candidates for i in self.deps.deps[n] & self.deps.tensor_inputs}
         self.learning = static and bool(learnable)
         self.seen: list[dict[int, tuple]] = []
 
     def _variant(self, groups: list[Group], inputs: Sequence[Any], fake_extras: bool) -> Variant:
         if not groups:
-            return Variant(self.compile_fn(self.analysis.gm, list(inputs)), [])
-        remainder = self.analysis.remainder(groups)
+            return Variant(self.compile_fn(self.deps.gm, list(inputs)), [])
+        remainder = self.deps.remainder(groups)
         if fake_extras:
             extras = [fake(n) for n in remainder.graph.nodes if n.name.startswith("attnfx_cached_")]
         else:
@@ -266,15 +266,15 @@ class InvariantCaching:
         return self.current(args)
 
     def _learn(self, args) -> None:
-        self.seen.append({i: tensor_key(args[i])[0] for i in self.analysis.tensor_inputs - self.analysis.params})
+        self.seen.append({i: tensor_key(args[i])[0] for i in self.deps.tensor_inputs - self.deps.params})
         if len(self.seen) < self.LEARN_CALLS:
             return
         self.learning = False
         # stable: the same tensor each call, or a few alternating ones (CFG branches called one by one)
         stable = {i for i in self.seen[0] if len({s[i] for s in self.seen}) <= self.LEARN_CALLS // 2}
-        stable |= self.analysis.params
+        stable |= self.deps.params
         known = {c for g in self.base.groups for c in g.cuts}
-        groups = [g for g in self.analysis.groups(stable, "learned at run time") if not set(g.cuts) & known]
+        groups = [g for g in self.deps.groups(stable, "learned at run time") if not set(g.cuts) & known]
         if not groups:
             return
         log.info("attnfx: %d group(s) of values read only stable inputs; compiling the graph that takes them",
