@@ -209,3 +209,68 @@ def test_inductor_dynamic_shapes_and_gradients():
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     rep = attnfx.report(opt)
     assert rep.graphs == 1 and rep.sites[0].rewritten
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.qkv, self.heads = torch.nn.Linear(dim, 3 * dim), heads
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d)
+
+
+class _BreakingAttn(_Attn):
+    def forward(self, x):
+        torch._dynamo.graph_break()  # the attention is compiled in a frame of its own
+        return super().forward(x)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(s, x):  # noqa: N805  (not called self: names must not depend on it)
+        return x + s.attn(x)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, attn=_Attn):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(attn()), _Block(attn())])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("attn", [_Attn, _BreakingAttn])
+def test_a_site_is_named_as_named_modules_names_it(attn):
+    """Whatever the frame Dynamo compiles: the model's forward, a block's ``forward(s, x)``, an attention
+    compiled apart after a graph break (one frame then serves every layer of that class: the first names it),
+    or a wrapper taking the model among ``*args``."""
+    model = _Net(attn).eval()
+    x = torch.randn(1, 5, 32)
+    layers = ["blocks.0.attn", "blocks.1.attn"] if attn is _Attn else ["blocks.0.attn"]
+    opt = attnfx.optimize(model, compiler="eager")
+    with torch.no_grad():
+        opt(x)
+    assert [s.module for s in attnfx.report(opt).sites] == layers
+    torch._dynamo.reset()
+    opt = attnfx.optimize(_Block(attn()).eval(), compiler="eager")
+    with torch.no_grad():
+        opt(x)
+    assert [s.module for s in attnfx.report(opt).sites] == ["attn"]
+    torch._dynamo.reset()
+
+    def wrapped(*args):
+        return args[0](args[1])
+
+    backend = attnfx.Backend(compiler="eager")  # no model known: names relative to the frame's module
+    with torch.no_grad():
+        torch.compile(wrapped, backend=backend)(model, x)
+    assert [s.module for s in backend.report.sites] == (layers if attn is _Attn else ["<root>"])

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._dynamo.symbolic_convert import InstructionTranslator
 from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings, statically_known_true
 
 SDPA = torch._C._nn.scaled_dot_product_attention
@@ -344,19 +345,98 @@ def _short_path(path: str) -> str:
     return rel if not rel.startswith("..") else path
 
 
-def module_of(node: fx.Node) -> str:
-    """Qualified path of the innermost nn.Module the node was traced in (``model.layers.0.self_attn``)."""
+def module_of(node: fx.Node, names: dict[int, str] | None = None) -> str:
+    """Qualified path of the innermost nn.Module the node was traced in (``model.layers.0.self_attn``).
+
+    ``names`` maps ``id(module)`` to its name in the model being optimized (``named_modules()``): the module
+    object is found from the frame Dynamo compiled, so the name is right whatever the frame (a graph break
+    inside a layer, a wrapper taking the model as ``*args``). Without it, paths from the frame's own first
+    argument (``self``, however it is spelled) are relative to it; paths from other variables start with the
+    variable's name."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return "<root>"
+        return _frame_self_name(names)
     path = list(stack.values())[-1][0]
+    m = _ROOT.match(path)
+    if m is None:
+        return clean_module_path(path)
+    root, rel = m.group(0).rstrip("."), clean_module_path(path[m.end():])
+    obj = _frame_value(root)
+    if names is not None and isinstance(obj, torch.nn.Module):
+        try:
+            sub = obj.get_submodule("" if rel == "<root>" else rel)
+        except AttributeError:
+            sub = None
+        if id(sub) in names:
+            return names[id(sub)] or "<root>"
+    if root == _frame_self():
+        return rel
     return clean_module_path(path)
 
 
+# the object a Dynamo source starts from: a local or global, with the subscripts that pick it out of
+# *args/**kwargs (L['self'], L['s'], L['args'][0], G['net'])
+_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[[^\]]+\])*\.?")
+
+
+def _tx() -> Any:
+    """The frame Dynamo is compiling (backends run inside its tracing), or None."""
+    try:
+        return InstructionTranslator.current_tx()
+    except Exception:  # pragma: no cover - outside Dynamo: frame-relative names
+        return None
+
+
+def _frame_self() -> str:
+    """The source of the module whose code the compiled frame runs: its first argument (``L['self']``,
+    ``L['s']``), a local named ``self`` (a frame resumed after a graph break), or ``L['args'][0]``."""
+    tx = _tx()
+    code = getattr(tx, "f_code", None)
+    if code is None:
+        return "L['self']"
+    candidates = []
+    if code.co_argcount:
+        candidates.append(f"L['{code.co_varnames[0]}']")
+    candidates.append("L['self']")
+    if code.co_flags & 0x04:  # CO_VARARGS
+        candidates.append(f"L['{code.co_varnames[code.co_argcount + code.co_kwonlyargcount]}'][0]")
+    for source in candidates:
+        if isinstance(_frame_value(source), torch.nn.Module):
+            return source
+    return ""
+
+
+def _frame_value(source: str) -> Any:
+    """The real object a root source (``L['x']``, ``L['args'][0]``, ``G['net']``) stands for in the frame being
+    compiled, or None."""
+    tx = _tx()
+    if tx is None:
+        return None
+    m = re.match(r"^([LG])\[['\"]([^'\"]+)['\"]\](.*)$", source)
+    if m is None:
+        return None
+    scope = getattr(tx, "f_locals" if m.group(1) == "L" else "f_globals", {})
+    value = scope.get(m.group(2))
+    for key in re.findall(r"\[([^\]]+)\]", m.group(3)):
+        try:
+            value = value[int(key)] if key.lstrip("-").isdigit() else value[key.strip("'\"")]
+        except Exception:
+            return None
+    return value
+
+
+def _frame_self_name(names: dict[int, str] | None) -> str:
+    """The name of the module whose own code made a node (no submodule on the stack): the frame's self."""
+    if names is not None:
+        obj = _frame_value(_frame_self())
+        if isinstance(obj, torch.nn.Module) and names.get(id(obj)):
+            return names[id(obj)]
+    return "<root>"
+
+
 def clean_module_path(path: str) -> str:
-    path = re.sub(r"^L\[['\"]self['\"]\]\.?", "", path)
-    path = re.sub(r"^[LG]\[['\"](\w+)['\"]\]\.?", r"\1.", path)
     path = _KEY.sub(r".\1", path)
+    path = re.sub(r"^[LG]\.", "", path)
     path = re.sub(r"(^|\.)(__dict__\.)?_modules(?=\.|$)", "", path)  # L['self'].__dict__['_modules'][...]
     path = _INDEX.sub(r".\1", path)
     path = path.replace("..", ".").strip(".")

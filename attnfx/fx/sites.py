@@ -137,9 +137,10 @@ def _shape(node) -> str:
     return "x".join(str(d) for d in val.shape) if hasattr(val, "shape") else "?"
 
 
-def find_sites(gm: fx.GraphModule, graph_index: int) -> list[Site]:
+def find_sites(gm: fx.GraphModule, graph_index: int, module_names: dict[int, str] | None = None) -> list[Site]:
     """Every attention site of ``gm``, in graph order, each with a fresh record. SDPA calls are respelled
-    with q, k, v positional and the rest by keyword (the same call), so patterns read one spelling."""
+    with q, k, v positional and the rest by keyword (the same call), so patterns read one spelling.
+    ``module_names`` (``id(module)`` -> name in the model) names each site's module (``module_of``)."""
     sites: list[Site] = []
     occurrences: dict[tuple[str, str], int] = {}
     for node in gm.graph.nodes:
@@ -151,7 +152,7 @@ def find_sites(gm: fx.GraphModule, graph_index: int) -> list[Site]:
             kind, output = "manual", prob_matmul(node)
         else:
             continue
-        module, source = module_of(node), source_of(output)
+        module, source = module_of(node, module_names), source_of(output)
         occ = occurrences.get((module, source), 0)
         occurrences[(module, source)] = occ + 1
         record = SiteRecord(module=module, source=source, graph=graph_index, index=len(sites), kind=kind)

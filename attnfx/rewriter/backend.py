@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 import torch.fx as fx
 from torch._dynamo.backends.debugging import aot_eager
 from torch._inductor.compile_fx import compile_fx
@@ -42,21 +44,28 @@ class Backend:
     """
 
     def __init__(self, options: Mapping[str, Any] | Options | None = None, *, report: Report | None = None,
-                 **more: Any):
+                 root: Any = None, **more: Any):
         self.options = options if isinstance(options, Options) else Options.from_mapping(
             options, pattern_names=NAMES, **more)
         self.report = report if report is not None else Report()
         self.layers: dict = {}  # attention site -> layer index, across this backend's graphs
+        # the model being optimized, when known: sites are named as its named_modules() names them
+        self.root = weakref.ref(root) if isinstance(root, torch.nn.Module) else None
+
+    def module_names(self) -> dict[int, str] | None:
+        root = self.root() if self.root is not None else None
+        return None if root is None else {id(m): name for name, m in root.named_modules()}
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         index = self.report.graphs
         captured = copy.deepcopy(gm.graph)
         start = time.perf_counter()
         guards: list = []
+        names = self.module_names()
         keepalive: list = []  # run-time state of the rewritten sites: lives as long as what we return
         try:
             sites = run_passes(gm, self.options, index, self.layers, guards=guards, keepalive=keepalive,
-                               example_inputs=example_inputs)
+                               example_inputs=example_inputs, module_names=names)
         except Exception as exc:
             if self.options.strict:
                 raise
@@ -65,7 +74,7 @@ class Backend:
                         exc_info=True)
             gm.graph = copy.deepcopy(captured)
             gm.recompile()
-            sites, guards = find_sites(gm, index), []
+            sites, guards = find_sites(gm, index, names), []
             for s in sites:
                 s.record.note(f"attnfx internal error ({type(exc).__name__}: {exc}); graph left as captured")
         self.report.add_graph([s.record for s in sites])
@@ -80,7 +89,8 @@ class Backend:
             # compiled now, within Dynamo's tracing context (data-dependent sizes need its shape environment)
             general = fx.GraphModule(gm, copy.deepcopy(captured))
             try:
-                run_passes(general, self.options, index, self.layers, keepalive=keepalive)  # nothing specialized
+                run_passes(general, self.options, index, self.layers, keepalive=keepalive,  # nothing specialized
+                           module_names=names)
             except Exception:
                 if self.options.strict:
                     raise

@@ -39,7 +39,7 @@ def optimize(
     """
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise TypeError(f"attnfx.optimize() takes an nn.Module or a callable, not {type(model).__name__}")
-    backend = Backend(dict(compiler=compiler, patterns=patterns, verify=verify, **options))
+    backend = Backend(dict(compiler=compiler, patterns=patterns, verify=verify, **options), root=model)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     # not an attribute: OptimizedModule forwards attribute writes to the wrapped model, so a second
     # optimize() of the same model would overwrite the first one's

@@ -17,7 +17,7 @@ from attnfx.patterns.base import PassContext
 
 def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0, layers: dict | None = None,
                example_inputs: Sequence[Any] | None = None, guards: list | None = None,
-               keepalive: list | None = None) -> list[Site]:
+               keepalive: list | None = None, module_names: dict[int, str] | None = None) -> list[Site]:
     """Rewrite ``gm`` in place. Returns every attention site found, each with its record.
 
     With ``example_inputs`` (the real values of the call being compiled) a pattern may specialize the graph
@@ -28,7 +28,7 @@ def run_passes(gm: fx.GraphModule, options: Options, graph_index: int = 0, layer
     ctx = PassContext(gm, options, graph_index, example_inputs=example_inputs,
                       layers=layers if layers is not None else {},
                       keepalive=keepalive if keepalive is not None else [])
-    sites = find_sites(gm, graph_index)
+    sites = find_sites(gm, graph_index, module_names)
     for pattern in ORDER:
         if pattern.name not in options.patterns or not pattern.enabled(options):
             continue
