@@ -37,7 +37,7 @@ only by its scenarios (a clear error when missing). Writes DIR/bench_e2e.json af
 (also on SIGTERM, e.g. from ``timeout``). Ratios: attnfx vs the better of eager and torch.compile in the same mode
 (> 1: attnfx is faster).
 
-Time: compiling dominates (each compiled cell compiles its model once). ``--budget-s`` (default 540) skips the
+Time: compiling dominates (each compiled cell compiles its model once). ``--budget-s`` (default 500) skips the
 cells that would end past that many seconds (recorded as skipped), so that a run under a 10-minute limit still
 ends with its table; ``--budget-s 0`` runs everything. For a complete table under such a limit run the scenarios
 in groups, e.g. ``generate_short,generate_long`` / ``prefill`` / ``flux,wan,hunyuan_layer``.
@@ -720,7 +720,7 @@ class Context:
     def cell(self, name, variant, fn):
         """Run one (scenario, variant) cell; record its result or its error; return its output or None."""
         elapsed = time.perf_counter() - T0
-        done = [c.get("cell_s", 0) for v, c in self.results[name]["cells"].items() if v != "eager"]
+        done = [c["cell_s"] for v, c in self.results[name]["cells"].items() if v != "eager" and "cell_s" in c]
         guess = max(done) if done else (45.0 if self.device == "cuda" else 10.0)  # a compiled cell's duration
         if self.args.budget_s and elapsed + (guess if variant != "eager" else 5.0) > self.args.budget_s:
             log(f"{name} / {variant}: skipped (would end past the time budget of {self.args.budget_s:.0f}s)")
@@ -828,7 +828,7 @@ def main() -> None:
                    help=f"comma-separated, of {', '.join(SCENARIOS)}; groups: {', '.join(GROUPS)}")
     p.add_argument("--variants", default="", help=f"comma-separated subset of {', '.join(GENERATE_VARIANTS)}")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats (loops for flux/wan) for every scenario")
-    p.add_argument("--budget-s", type=float, default=540.0,
+    p.add_argument("--budget-s", type=float, default=500.0,
                    help="cells that would start after this many seconds are skipped (0: no limit)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a check of the logic, e.g. on CPU)")
@@ -836,6 +836,9 @@ def main() -> None:
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device (use --device cpu --tiny for a check of the logic)")
+    unknown = set(filter(None, args.variants.split(","))) - set(GENERATE_VARIANTS)
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(sorted(unknown))}")
     names = []
     for n in args.scenarios.split(","):
         for m in GROUPS.get(n, [n]):
