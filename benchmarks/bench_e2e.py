@@ -333,12 +333,32 @@ def import_diffusers():
     return diffusers
 
 
+def keep_in_fp32(model) -> int:
+    """What ``from_pretrained(torch_dtype=...)`` keeps in float32 (the model's ``_keep_in_fp32_modules``: Wan's
+    rope, time embedder, norms, scale-shift tables), after ``.to(dtype)`` cast everything; returns how many tensors."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    n = 0
+    for module_name, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or not t.is_floating_point() or t.dtype == torch.float32:
+                    continue
+                if keep & set(f"{module_name}.{name}".split(".")):
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = t.data.float()
+                    else:
+                        store[name] = t.float()
+                    n += 1
+    return n
+
+
 def build_flux(size, device, dtype):
     diffusers = import_diffusers()
     FluxTransformer2DModel = diffusers.FluxTransformer2DModel
     torch.manual_seed(0)
     with torch.device(device):
         model = FluxTransformer2DModel(**size["config"]).to(dtype).eval()
+    kept = keep_in_fp32(model)
     cfg = size["config"]
     b, (h, w), t = size["batch"], size["grid"], size["text"]
     g = torch.Generator().manual_seed(1)
@@ -362,7 +382,7 @@ def build_flux(size, device, dtype):
     steps = size["steps"]
     loop = DenoiseLoop(model, size, call, make_latents, [1.0 - i / steps for i in range(steps)], 1.0)
     loop.setup = lambda: {"diffusers": diffusers.__version__, "config": cfg, "batch": b, "image_tokens": h * w,
-                          "text_tokens": t, "steps": steps, "guidance": 3.5}
+                          "text_tokens": t, "steps": steps, "guidance": 3.5, "kept_in_float32": kept}
     return loop
 
 
@@ -372,6 +392,7 @@ def build_wan(size, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer3DModel(**size["config"]).to(dtype).eval()
+    kept = keep_in_fp32(model)
     cfg = size["config"]
     b, (f, h, w), t = size["batch"], size["latent"], size["text"]
     g = torch.Generator().manual_seed(1)
@@ -388,8 +409,9 @@ def build_wan(size, device, dtype):
 
     steps = size["steps"]
     loop = DenoiseLoop(model, size, call, make_latents, [999.0 * (1 - i / steps) for i in range(steps)], 1e-3)
-    loop.setup = lambda: {"diffusers": diffusers.__version__, "config": cfg, "batch": b, "latent": [cfg["in_channels"],
-                          f, h, w], "image_tokens": tokens, "text_tokens": t, "steps": steps}
+    loop.setup = lambda: {"diffusers": diffusers.__version__, "config": cfg, "batch": b,
+                          "latent": [cfg["in_channels"], f, h, w], "image_tokens": tokens, "text_tokens": t,
+                          "steps": steps, "kept_in_float32": kept}
     return loop
 
 
