@@ -7,7 +7,9 @@ Candidates (each imported lazily; one that is missing or fails is recorded and t
   cudnn_fe      nvidia-cudnn-frontend ``graph.sdpa_fp8``: FP8 Q/K/V with per-tensor descale tensors, P quantized
                 in-kernel (scale_s / descale_s). Variants: per-tensor; per-head K and V folded around a per-tensor
                 kernel (K's per-head scale multiplied into Q before Q is quantized, V's applied to O); per-head
-                descale tensors (1, H, 1, 1) if the library accepts them. Output bf16, else fp16, else fp8.
+                descale tensors (1, H, 1, 1) if the library accepts them; "+vm": V's per-channel mean taken out
+                before and added to O after. Output bf16, else fp16, else fp8 (the frontend allows a bf16/fp16
+                output only on Blackwell: on Hopper O is FP8, which costs ~2.5% relative L2 unless V is centered).
   cudnn_bsa     nvidia-cudnn-frontend ``block_sparse_attention_fp8_forward`` with every block kept (CuTe DSL
                 kernels; needs nvidia-cutlass-dsl; Sage-style scales: per token Q, per 16 keys K, per channel V).
   torch_fa3     torch.nn.attention.experimental._scaled_dot_product_attention_quantized (per-head descales;
@@ -220,39 +222,63 @@ def fake_quant(x: torch.Tensor, gran: str, block: int = 0) -> torch.Tensor:
     return (x8.float().view(b, h, -1, block, d) * s[..., None, None]).view(b, h, -1, d)[:, :, :n]
 
 
-def prep_cudnn(q, k, v, gran: str, rot: bool) -> dict:
+def prep_cudnn(q, k, v, gran: str, rot: bool, vmean: bool = False) -> dict:
     """Q/K/V for a kernel that takes one descale per tensor (cuDNN sdpa_fp8), plus what the output needs after.
 
     tensor: Q, K, V each per tensor; V's scale is passed to the kernel (no post-processing for a bf16 output).
     fold:   K and V per (batch, head) around the per-tensor kernel: K's per-head scale is multiplied into Q before
             Q is quantized per tensor (q·kᵀ = (q·s_k)·(k/s_k)ᵀ), V's is applied to O per head afterwards.
     head:   Q, K, V each per (batch, head), for a kernel that accepts (1, H, 1, 1) descale tensors.
+    vmean:  V's mean over the tokens (per head and channel) taken out before quantizing and added to O after —
+            exact, since each softmax row sums to 1 — so that an FP8 output holds only the varying part of O.
     """
     if rot:
         q, k = rotate(q), rotate(k)
+    mean = None
+    if vmean:
+        mean = v.float().mean(dim=2, keepdim=True)
+        v = v.float() - mean
     if gran == "tensor":
         q8, sq = fp8_per_tensor(q)
         k8, sk = fp8_per_tensor(k)
         v8, sv = fp8_per_tensor(v)
-        return dict(q=q8, k=k8, v=v8, dq=sq, dk=sk, dv=sv, post=None)
+        return dict(q=q8, k=k8, v=v8, dq=sq, dk=sk, dv=sv, post=None, mean=mean)
     if gran == "fold":
         k8, sk = fp8_per_head(k)
         q8, sq = fp8_per_tensor(q.float() * sk)
         v8, sv = fp8_per_head(v)
-        return dict(q=q8, k=k8, v=v8, dq=sq, dk=torch.ones_like(sq), dv=torch.ones_like(sq), post=sv)
+        return dict(q=q8, k=k8, v=v8, dq=sq, dk=torch.ones_like(sq), dv=torch.ones_like(sq), post=sv, mean=mean)
     if gran == "head":
         q8, sq = fp8_per_head(q)
         k8, sk = fp8_per_head(k)
         v8, sv = fp8_per_head(v)
-        return dict(q=q8, k=k8, v=v8, dq=sq, dk=sk, dv=sv, post=None)
+        return dict(q=q8, k=k8, v=v8, dq=sq, dk=sk, dv=sv, post=None, mean=mean)
     raise ValueError(gran)
 
 
-def qdq_attention(q, k, v, rows, gran: str, rot: bool, p_fp8: bool) -> torch.Tensor:
-    """Numerics of an FP8 kernel with the given scale granularity, in float32 on the reference rows."""
+def finish(o: torch.Tensor, post, mean) -> torch.Tensor:
+    """The kernel's output to bf16: times the V scale(s) left out of the kernel, plus V's mean if taken out."""
+    if post is None and mean is None:
+        return o if o.dtype == torch.bfloat16 else o.to(torch.bfloat16)
+    y = o.float()
+    if post is not None:
+        y = y * post
+    if mean is not None:
+        y = y + mean
+    return y.to(torch.bfloat16)
+
+
+def qdq_attention(q, k, v, rows, gran: str, rot: bool, p_fp8: bool = True, o_fp8: bool = False,
+                  vmean: bool = False) -> torch.Tensor:
+    """Numerics of an FP8 kernel with the given scale granularity, in float32 on the reference rows: Q/K/V (and P)
+    rounded to e4m3, optionally O too (per head, |O| <= max|V|: what cuDNN's FP8-only output on Hopper does), and
+    optionally with V's mean taken out before and added back after (see prep_cudnn)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if rot:
         q, k = rotate(q.float()), rotate(k.float())
+    mean = v.float().mean(dim=2, keepdim=True) if vmean else None
+    if vmean:
+        v = v.float() - mean
     if gran == "npu-block":
         qf, kf, vf = fake_quant(q, "block", Q_BLOCK), fake_quant(k, "block", KV_BLOCK), fake_quant(v, "block", KV_BLOCK)
     elif gran == "fold":
@@ -261,12 +287,24 @@ def qdq_attention(q, k, v, rows, gran: str, rot: bool, p_fp8: bool) -> torch.Ten
         vf = p["v"].float() * p["post"]
     else:
         qf, kf, vf = fake_quant(q, gran), fake_quant(k, gran), fake_quant(v, gran)
-    return attention_rows(qf, kf, vf, rows, scale, p_fp8=p_fp8)
+    o = attention_rows(qf, kf, vf, rows, scale, p_fp8=p_fp8)
+    if o_fp8:
+        so = (vf.abs().amax(dim=(-1, -2), keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        o = (o / so).to(FP8).float() * so
+    return o if mean is None else o + mean
 
 
-QDQ_VARIANTS = [("tensor", False, True), ("tensor", True, True), ("fold", False, True), ("fold", True, True),
-                ("head", False, True), ("head", True, True), ("npu-block", False, True), ("npu-block", True, True),
-                ("npu-block", True, False)]
+# (granularity, rotate, P rounded, O rounded, V mean out)
+QDQ_VARIANTS = [("tensor", False, True, False, False), ("tensor", True, True, False, False),
+                ("fold", False, True, False, False), ("fold", True, True, False, False),
+                ("head", False, True, False, False), ("head", True, True, False, False),
+                ("npu-block", False, True, False, False), ("npu-block", True, True, False, False),
+                ("npu-block", True, False, False, False), ("npu-block", True, True, False, True),
+                ("fold", True, True, True, False), ("fold", True, True, True, True)]
+
+
+def qdq_name(gran: str, rot: bool, p8: bool, o8: bool, vm: bool) -> str:
+    return gran + ("+had" if rot else "") + ("+o8" if o8 else "") + ("+vm" if vm else "") + ("" if p8 else " p-exact")
 
 
 # -------------------------------------------------------------------------------------------------------- timing
@@ -557,10 +595,7 @@ class CudnnFE(Candidate):
         o = torch.empty(shape.b, shape.h, shape.s + G["pad"], D, dtype=out[1], device=p["q"].device)
         so, post = self.scales_for(p, out[0])
         self.execute(G, self.pack(G, p, o, so))
-        o = o[:, :, :shape.s]
-        if post is None:
-            return o if o.dtype == torch.bfloat16 else o.to(torch.bfloat16)
-        return (o.float() * post).to(torch.bfloat16)
+        return finish(o[:, :, :shape.s], post, p.get("mean"))
 
     def shape_graph(self, shape: Shape, out, heads: int = 1):
         """The graph for this shape: unpadded, else (S not a multiple of 128) padded with a padding mask."""
@@ -618,32 +653,37 @@ class CudnnFE(Candidate):
             return bench([lambda pk=pk: self.execute(GG, pk) for pk in pks], shape.reps)
 
         t = time_kernel(G, "tensor")  # timed once: the descale values and the rotation do not change the kernel
-        variants = [("tensor", False), ("tensor", True), ("fold", False), ("fold", True)]
+        # (granularity, Hadamard on Q/K, V's mean out): +vm matters when O is FP8 (Hopper), see prep_cudnn
+        variants = [("tensor", False, False), ("tensor", True, False), ("fold", False, False), ("fold", True, False),
+                    ("tensor", True, True), ("fold", True, True)]
         if self.head_descale is None:
             self.head_descale = self._probe_head_descale(shape, out)
         if self.head_descale:
-            variants += [("head", False), ("head", True)]
+            variants += [("head", True, False), ("head", True, True)]
         th = None
-        for gran, rot in variants:
-            name = gran + ("+had" if rot else "")
+        for gran, rot, vm in variants:
+            name = gran + ("+had" if rot else "") + ("+vm" if vm else "")
             try:
                 GG = G
                 if gran == "head":
                     GG = self.shape_graph(shape, out, shape.h)
                     th = th or time_kernel(GG, "head")
                 tk = th if gran == "head" else t
-                tq = bench([lambda st=st, g=gran, r=rot: prep_cudnn(*st, g, r) for st in shape.sets], shape.reps)
-                _, post = self.scales_for(prep_cudnn(*shape.sets[0], gran, rot), out[0])
+                tq = bench([lambda st=st, g=gran, r=rot, m=vm: prep_cudnn(*st, g, r, m) for st in shape.sets],
+                           shape.reps)
+                p0 = prep_cudnn(*shape.sets[0], gran, rot, vm)
+                _, post = self.scales_for(p0, out[0])
+                mean = p0["mean"]
+                del p0
                 o0 = o[:, :, :shape.s]
-                if post is None and out[1] == torch.bfloat16:
+                if post is None and mean is None and out[1] == torch.bfloat16:
                     tp = {"median_ms": 0.0}
-                elif post is None:
-                    tp = bench([lambda o0=o0: o0.to(torch.bfloat16)], shape.reps)
                 else:
-                    tp = bench([lambda o0=o0, post=post: (o0.float() * post).to(torch.bfloat16)], shape.reps)
-                err = shape.errors(lambda q, k, v, G_=GG, g=gran, r=rot:
-                                   self.run_variant(shape, G_, prep_cudnn(q, k, v, g, r)))
-                rows.append(row(shape, self.name, name, granularity=gran, rotate=rot, kernel_ms=tk["median_ms"],
+                    tp = bench([lambda o0=o0, post=post, mean=mean: finish(o0, post, mean)], shape.reps)
+                err = shape.errors(lambda q, k, v, G_=GG, g=gran, r=rot, m=vm:
+                                   self.run_variant(shape, G_, prep_cudnn(q, k, v, g, r, m)))
+                rows.append(row(shape, self.name, name, granularity=gran, rotate=rot, vmean=vm,
+                                kernel_ms=tk["median_ms"],
                                 kernel_min_ms=tk["min_ms"], quant_ms=tq["median_ms"], post_ms=tp["median_ms"],
                                 err=err, out_dtype=out[0], pad=GG["pad"], tflops=shape.flops / tk["median_ms"] / 1e9))
             except Exception as e:
@@ -926,11 +966,10 @@ class QDQ(Candidate):
 
     def run(self, shape: Shape) -> list:
         rows = []
-        for gran, rot, p8 in QDQ_VARIANTS:
-            name = gran + ("+had" if rot else "") + ("" if p8 else " (P not rounded)")
-            err = {kind: rel_l2(qdq_attention(*shape.acc[kind], shape.rows, gran, rot, p8), shape.ref[kind])
+        for var in QDQ_VARIANTS:
+            err = {kind: rel_l2(qdq_attention(*shape.acc[kind], shape.rows, *var), shape.ref[kind])
                    for kind in shape.kinds}
-            rows.append(row(shape, self.name, name, granularity=gran, rotate=rot, err=err))
+            rows.append(row(shape, self.name, qdq_name(*var), granularity=var[0], rotate=var[1], err=err))
         return rows
 
 
@@ -950,9 +989,8 @@ def cpu_selftest() -> dict:
         ref = attention_rows(q, k, v, rows, 1 / math.sqrt(D))
         rot = attention_rows(rotate(q), rotate(k), v, rows, 1 / math.sqrt(D))
         out[kind] = {"rotation_exact": rel_l2(rot, ref)}
-        for gran, r, p8 in QDQ_VARIANTS:
-            out[kind][gran + ("+had" if r else "") + ("" if p8 else "/p")] = rel_l2(
-                qdq_attention(q, k, v, rows, gran, r, p8), ref)
+        for var in QDQ_VARIANTS:
+            out[kind][qdq_name(*var)] = rel_l2(qdq_attention(q, k, v, rows, *var), ref)
     return out
 
 
@@ -1007,7 +1045,7 @@ def table(result: dict, rows: list) -> str:
 
 def qdq_summary(result: dict) -> str:
     """The emulated errors, one line per shape and kind, for the schemes that matter."""
-    keep = ("tensor", "tensor+had", "fold+had", "head+had", "npu-block", "npu-block+had")
+    keep = ("tensor", "tensor+had", "fold+had", "npu-block", "npu-block+had", "fold+had+o8", "fold+had+o8+vm")
     by = {}
     for r in result["rows"]:
         if r["candidate"] == "qdq" and not r.get("error"):
