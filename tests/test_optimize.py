@@ -129,6 +129,42 @@ def test_verify_names_the_site_that_differs(monkeypatch):
         opt(torch.randn(1, 4, 64))
 
 
+def test_verify_catches_a_wrong_rewrite_downstream_of_the_site(monkeypatch):
+    """A rewrite that leaves the attention right but breaks what follows it (as dead_tokens' narrowing of
+    o_proj could): the site compares equal, the graph's output does not."""
+
+    def rewrite(site, ctx):
+        for user in list(site.node.users):
+            with site.node.graph.inserting_after(user):
+                doubled = site.node.graph.call_function(torch.mul, (user, 2.0))
+            doubled.meta = dict(user.meta)
+            user.replace_all_uses_with(doubled, delete_user_cb=lambda n: n is not doubled)
+        return Outcome(target="sdpa, then twice what follows")
+
+    monkeypatch.setattr("attnfx.rewriter.backend.NAMES", ("downstream",))
+    monkeypatch.setattr("attnfx.rewriter.passes.ORDER", (Pattern("downstream", rewrite, applies_to="sdpa"),))
+    opt = attnfx.optimize(GQA().eval(), compiler="eager", verify=True)
+    with pytest.raises(attnfx.VerificationError, match=r"graph output 0 differs from the original"):
+        opt(torch.randn(1, 4, 64))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_verify_passes_on_generate_prefill_with_logits_to_keep(arch):
+    """generate()'s prefill: eager attention, logits_to_keep=1 (only the last row is read: dead_tokens)."""
+    from hf_models import batch, build
+
+    model = build(arch, "eager")
+    opt = attnfx.optimize(model, compiler="eager", verify=True)
+    ids, mask = batch(9)
+    with torch.no_grad():
+        actual = opt(ids, attention_mask=mask, logits_to_keep=1).logits
+        expected = model(ids, attention_mask=mask, logits_to_keep=1).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    report = attnfx.report(opt)
+    assert report.verified is True
+    assert any("dead_tokens" in s.applied for s in report.sites)
+
+
 def test_an_internal_error_compiles_the_graph_unchanged(monkeypatch):
     def rewrite(site, ctx):
         raise KeyError("bug")

@@ -275,7 +275,8 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
     if keys_dead:
         how.append(f"no read row may attend keys outside [{c0}, {c1})")
     return Outcome(
-        node=new, output=new if site.output is node else None, replaced=replaced + [old for old, _ in upstream],
+        node=new, output=new if site.output is node else dict(downstream).get(site.output),
+        replaced=replaced + [old for old, _ in upstream],
         details={"dead_tokens": {"queries": q_len - (hi - lo), "keys": kv_len - (c1 - c0), "how": "; ".join(how)},
                  "ops_on_fewer_rows": {"before": len(upstream), "after": len(downstream)},
                  "live_rows": [lo, hi]},

@@ -76,13 +76,15 @@ class Verifier:
             cpu_state = torch.random.get_rng_state()
             cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
             orig = _Capture(self.original, {s.original_output for s in self.sites})
-            expected = orig.run(*fresh())
+            expected_outputs = orig.run(*fresh())
             torch.random.set_rng_state(cpu_state)
             for d, st in zip(devices, cuda_states):
                 torch.cuda.set_rng_state(st, d)
             new = _Capture(self.rewritten, {s.output.name for s in self.sites})
-            actual = new.run(*fresh())
+            actual_outputs = new.run(*fresh())
         for site in self.sites:
+            if site.output.name not in new.values:
+                continue  # the site's result is no value of its own any more (fused downstream): outputs decide
             expected, actual = orig.values.get(site.original_output), new.values.get(site.output.name)
             live = site.record.details.get("live_rows")
             if live is not None and isinstance(expected, torch.Tensor):  # only the live rows are computed
@@ -95,7 +97,9 @@ class Verifier:
                 raise VerificationError(
                     f"attnfx verify: attention site {rec.module} ({rec.source}) rewritten by "
                     f"{'+'.join(rec.patterns)} into {rec.target} differs from the original: {diff}")
-        flat_e, flat_a = _flatten(expected), _flatten(actual)
+        flat_e, flat_a = _flatten(expected_outputs), _flatten(actual_outputs)
+        if len(flat_e) != len(flat_a):
+            raise VerificationError(f"attnfx verify: the graph returns {len(flat_a)} values instead of {len(flat_e)}")
         for i, (e, a) in enumerate(zip(flat_e, flat_a)):
             diff = _difference(e, a, self.options)
             if diff is not None:
