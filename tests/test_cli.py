@@ -56,6 +56,13 @@ def test_report_with_dtype_and_pattern_selection():
     assert data["summary"]["rewritten"] == 0  # gqa switched off, and the sdpa model has no manual attention
 
 
+def test_several_patterns_after_one_option():
+    r = run("report", "hf_models:llama_factory", "--json", "--pattern", "gqa", "dead_tokens")
+    assert r.returncode == 0, r.stderr
+    site = json.loads(r.stdout)["sites"][0]
+    assert site["applied"] == ["gqa"] and "mask_structure" not in site["patterns"]
+
+
 BAD = [
     (["report", "no_colon_here"], "expected MODULE:FACTORY"),
     (["report", "no_such_module_xyz:make"], "cannot import 'no_such_module_xyz'"),
@@ -69,6 +76,8 @@ BAD = [
     (["report", "hf_models:llama_factory", "--device", "cuda:0"], "CUDA is not available"),
     (["report", "hf_models:llama_factory", "--device", "banana"], "bad --device"),
     (["report", "hf_models:llama_factory", "--pattern", "nope"], "unknown pattern"),
+    (["report", "hf_models:llama_factory", "--pattern", "gqa", "nope"], "unknown pattern"),
+    (["report", "hf_models:llama_factory", "--device", "meta"], "--device meta"),
 ]
 
 
@@ -81,6 +90,7 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(errors) == 1 and message in errors[0], r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3, r.stderr  # progress lines and the error, nothing else
 
 
 def test_debug_shows_the_traceback():

@@ -48,7 +48,7 @@ def test_hunyuan_step1_eoi_and_text_rows_are_not_computed(models, read):
             return y[:, T + 1:T + 1 + N]
         return y.masked_select(hy.image_mask(T, N)[..., None]).view(2, N, -1)
 
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+    with torch.no_grad():  # masked_select stays in the graph: attnfx's backend turns on dynamic output shapes
         c = Compiled(lambda x: step1(attn, x))
         assert_same(c(x), step1(original, x))
     (site,) = c.sites
@@ -279,8 +279,9 @@ def test_gradients_through_narrowed_projections():
 
 @pytest.fixture
 def dynamic_output_shapes():
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        yield
+    """attnfx's backend keeps masked_select in its graphs by itself: nothing to set."""
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    yield
 
 
 def test_hunyuan_step1_image_mask_passed_in(models, dynamic_output_shapes):

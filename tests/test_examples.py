@@ -68,3 +68,13 @@ def test_bagel_branches_must_not_see_each_other():
         alone = [model(x[i * 24:(i + 1) * 24], pk[sum(prefix[:i]):sum(prefix[:i + 1])],
                        pv[sum(prefix[:i]):sum(prefix[:i + 1])], (24,), (prefix[i],)) for i in range(3)]
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_generate_example(static_cache):
+    import generate
+
+    actual, expected, report = generate.generate(static_cache=static_cache, new_tokens=4)
+    assert torch.equal(actual, expected)
+    assert report.sites and all(s.rewritten for s in report.sites)
+    assert all(s.applied[0] == "gqa" for s in report.sites)

@@ -30,8 +30,8 @@ Index sets passed in
     (``masked_select(image_mask)`` with ``image_mask`` an input), the rows the example call's index set reads are taken, and the graph is
     guarded (``attnfx.runtime.guards``): each call checks — once per distinct index tensor, cached — that
     its index set reads within those rows, and otherwise runs the graph compiled without this
-    specialization. (``masked_select`` and boolean indexing are only in the graph with
-    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``.)
+    specialization. (``masked_select`` and boolean indexing are in the graph because attnfx's backend turns on
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops`` for the frames it compiles.)
 
 When it refuses
     Any use of the output the analysis cannot follow (a reduction over the rows, a reshape that merges the

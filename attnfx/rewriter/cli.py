@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--compiler", default="eager", choices=["eager", "aot_eager", "inductor"],
                    help="inner compiler after the rewrite (default eager: the report does not depend on it)")
     r.add_argument("--verify", action="store_true", help="also run the original and check outputs match")
-    r.add_argument("--pattern", action="append", dest="patterns", metavar="NAME",
-                   help="enable only these patterns (repeatable; default all)")
+    r.add_argument("--pattern", action="extend", nargs="+", dest="patterns", metavar="NAME",
+                   help="enable only these patterns (several names, or the option repeated; default all)")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -120,6 +120,9 @@ def run_report(ns: argparse.Namespace):
         raise CliError(f"bad --device {ns.device!r}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: CUDA is not available on this machine")
+    if device.type == "meta":
+        raise CliError("--device meta: meta tensors hold no values, and the report needs one real call; "
+                       "use cpu or cuda")
     dtype = DTYPES.get(ns.dtype) if ns.dtype else None
     _progress(f"building the model from {ns.spec}")
     model, args, kwargs = build(load_factory(ns.spec), ns.spec)

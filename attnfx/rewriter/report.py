@@ -29,6 +29,8 @@ class Report:
         self.graphs = 0
         self.verified: bool | None = None
         self.cached: list = []  # attnfx.runtime.invariants.Group: values computed once per distinct input
+        # what Dynamo did with the model on its first call: compiled or not (why), graph breaks (why)
+        self.dynamo: dict[str, Any] = {}
 
     def add_graph(self, records: list[SiteRecord]) -> None:
         self.graphs += 1
@@ -67,6 +69,7 @@ class Report:
             "torch": torch.__version__,
             "summary": self.summary(),
             "verified": self.verified,
+            "dynamo": dict(self.dynamo),
             "sites": [s.to_dict() for s in self.sites],
             "cached": [g.describe() for g in self.cached],
         }
@@ -76,6 +79,8 @@ class Report:
 
     def __str__(self) -> str:
         sites = self.sites
+        if self.dynamo.get("compiled") is False:
+            return f"attnfx: Dynamo ran the model without compiling it ({self.dynamo.get('why')}); nothing was rewritten"
         if not sites:
             return "attnfx: no attention sites found (has the model been called once since optimize()?)"
         rows = [("#", "module", "source", "shape", "patterns", "rewritten", "target", "mask", "saves", "reason")]
@@ -96,6 +101,8 @@ class Report:
         if self.verified:
             tail += "; verified against the original"
         out = lines + ["", tail]
+        for b in self.dynamo.get("graph_breaks", []):
+            out.append(f"graph break ({b['count']}x): {b['reason']}")
         if self.cached:
             out += ["", f"cached invariants ({len(self.cached)} group(s), {_fmt_bytes(summ['cached_bytes'])} held):"]
             for g in self.cached:
