@@ -315,6 +315,29 @@ def replace_call(node: fx.Node, target: Any, args: Sequence[Any], kwargs: dict[s
     return new
 
 
+def placeholder_sources(gm: fx.GraphModule) -> dict[str, Any]:
+    """Where Dynamo says each placeholder of ``gm`` came from, by name."""
+    return {n.name: getattr(n, "_dynamo_source", None) for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def like_dynamo_graph(new: fx.GraphModule, old: fx.GraphModule, sources: dict[str, Any] | None = None
+                      ) -> fx.GraphModule:
+    """Give a GraphModule made from Dynamo's graph ``old`` (a copy, a split) the metadata Inductor reads off
+    Dynamo graphs: the compile id, and where each parameter and placeholder came from — so static inputs
+    (parameters, buffers, tensors marked with ``mark_static_address`` such as a static KV cache) keep their
+    static addresses under CUDA graphs, and their in-place updates do not turn CUDA graphs off. Placeholders
+    that are not Dynamo's (values attnfx adds as inputs) get no source: they are copied in on each replay."""
+    for key, value in old.meta.items():
+        new.meta.setdefault(key, value)
+    if hasattr(old, "_param_name_to_source"):
+        new._param_name_to_source = old._param_name_to_source
+    sources = placeholder_sources(old) if sources is None else sources
+    for n in new.graph.nodes:
+        if n.op == "placeholder":
+            n._dynamo_source = sources.get(n.name)
+    return new
+
+
 # ---------------------------------------------------------------------------------------------
 # provenance: where a node comes from in the user's code
 

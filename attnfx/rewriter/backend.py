@@ -21,6 +21,7 @@ from torch._dynamo.backends.debugging import aot_eager
 from torch._inductor import list_mode_options
 from torch._inductor.compile_fx import compile_fx
 
+from attnfx.fx.graph import like_dynamo_graph, placeholder_sources
 from attnfx.fx.sites import find_sites
 from attnfx.options import Options, OptionsError
 from attnfx.patterns import NAMES
@@ -143,6 +144,7 @@ class Backend:
 
     def _rewrite_and_compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], index: int) -> Callable:
         captured = copy.deepcopy(gm.graph)
+        sources = placeholder_sources(gm)  # lost by graph copies: given back to every graph Inductor compiles
         start = time.perf_counter()
         guards: list = []
         names = self.module_names()
@@ -158,6 +160,7 @@ class Backend:
                         exc_info=True)
             gm.graph = copy.deepcopy(captured)
             gm.recompile()
+            like_dynamo_graph(gm, gm, sources)
             sites, guards = find_sites(gm, index, names), []
             for s in sites:
                 s.record.note(f"attnfx internal error ({type(exc).__name__}: {exc}); graph left as captured")
@@ -170,7 +173,7 @@ class Backend:
             compiled = Verifier(fx.GraphModule(gm, captured), gm, compiled, sites, self.options, self.report)
         if guards:
             # compiled now, within Dynamo's tracing context (data-dependent sizes need its shape environment)
-            general = fx.GraphModule(gm, copy.deepcopy(captured))
+            general = like_dynamo_graph(fx.GraphModule(gm, copy.deepcopy(captured)), gm, sources)
             try:
                 run_passes(general, self.options, index, self.layers, keepalive=keepalive,  # nothing specialized
                            module_names=names)
@@ -179,7 +182,7 @@ class Backend:
                     raise
                 log.warning("attnfx: internal error while rewriting graph %d without run-time specialization; "
                             "that variant runs as captured", index, exc_info=True)
-                general = fx.GraphModule(gm, copy.deepcopy(captured))
+                general = like_dynamo_graph(fx.GraphModule(gm, copy.deepcopy(captured)), gm, sources)
             general_compiled = self._compile(general, example_inputs, report_groups=[])  # groups reported once
             for site in sites:
                 mine = [g.stats for g in guards if any(r is site.record for r in g.sites)]
