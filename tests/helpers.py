@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.fx as fx
 
@@ -51,3 +53,32 @@ def assert_same(actual, expected, dtype=None):
     tol = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-7, 1e-7), torch.bfloat16: (2e-2, 2e-2),
            torch.float16: (2e-3, 2e-3)}[dtype]
     torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1], equal_nan=True)
+
+
+class HostSyncs:
+    """Counts, while active, the calls that read tensor values on the host — each a device synchronisation on
+    a GPU, and what a CUDA graph capture cannot hold: ``.item()``, ``.tolist()``, ``bool(t)``, ``torch.equal``,
+    ``nonzero``, ``masked_select``... Python-level calls only: what attnfx's own code and an eager-compiled
+    graph do (Inductor's compiled kernels are not seen, and do the same with or without attnfx)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+    FUNCTIONS = ("equal", "nonzero", "masked_select", "unique", "allclose", "argwhere")
+
+    def __enter__(self) -> "HostSyncs":
+        self.calls: collections.Counter = collections.Counter()
+        self._saved = []
+        for owner, names in ((torch.Tensor, self.METHODS), (torch, self.FUNCTIONS)):
+            for name in names:
+                original = getattr(owner, name)
+
+                def counted(*args, _original=original, _name=name, **kwargs):
+                    self.calls[_name] += 1
+                    return _original(*args, **kwargs)
+
+                setattr(owner, name, counted)
+                self._saved.append((owner, name, original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
