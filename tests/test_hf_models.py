@@ -3,7 +3,7 @@ two sequence lengths. Logits must equal the original's and every layer's site mu
 
 import pytest
 import torch
-from hf_models import ARCHS, batch, build
+from hf_models import ARCHS, COMMON, batch, build
 
 import attnfx
 
@@ -84,11 +84,11 @@ def test_verify_mode_passes_on_a_real_model():
     assert attnfx.report(opt).verified is True
 
 
-def _run_padded(model, lengths=(7, 11), pad=2, output="logits"):
-    """The model and its optimized copy on left-padded batches of each length: outputs must be equal."""
+def _run_padded(model, calls=((7, 2), (11, 2)), output="logits"):
+    """The model and its optimized copy on left-padded batches, (length, padding) per call: outputs must be equal."""
     opt = attnfx.optimize(model, compiler="eager")
     with torch.no_grad():
-        for length in lengths:
+        for length, pad in calls:
             ids, mask = batch(length, pad=pad)
             expected = getattr(model(ids, attention_mask=mask), output)
             torch.testing.assert_close(getattr(opt(ids, attention_mask=mask), output), expected, rtol=1e-4, atol=1e-4)
@@ -144,3 +144,52 @@ def test_xlm_in_place_masked_fill_is_followed():
     report = _run_padded(transformers.XLMModel(cfg).eval(), output="last_hidden_state")
     assert len(report.sites) == 4
     assert all(site.rewritten and site.applied[0] == "manual_attention" for site in report.sites)
+
+
+SLIDING = {  # models with sliding-window layers: class names, and the config making layer 0 local, layer 1 global
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {}),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}),
+}
+WINDOW = 4
+
+
+def build_sliding(arch, attn):
+    import transformers
+
+    cfg_name, model_name, extra = SLIDING[arch]
+    cfg_cls, model_cls = getattr(transformers, cfg_name, None), getattr(transformers, model_name, None)
+    if cfg_cls is None or model_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    layers = {} if arch == "mistral" else {"layer_types": ["sliding_attention", "full_attention"]}
+    cfg = cfg_cls(**{**COMMON, **extra, **layers}, sliding_window=WINDOW)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return model_cls(cfg).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(SLIDING))
+def test_sliding_window_layers_run_on_a_windowed_kernel(arch, attn):
+    """Local layers: HF's sliding mask (i - window < j <= i, and the padding) is classified with its window and
+    run on band blocks (sdpa.split, the windowed kernel on CPU); global layers: causal as before. First call
+    without padding (the mask read at compile time), then with left padding (a new length: read at run time)."""
+    model = build_sliding(arch, attn)
+    report = _run_padded(model, calls=((7, 0), (11, 2)))
+    local = {i for i, t in enumerate(getattr(model.config, "layer_types", None) or ["sliding_attention"] * 2)
+             if t == "sliding_attention"}
+    assert local and len(report.sites) == 4
+    for i, site in enumerate(report.sites):
+        layer, padded = i % 2, i >= 2
+        assert site.module == f"model.layers.{layer}.self_attn" and site.rewritten, site.reason
+        mask = site.details["mask"]
+        assert mask["analysis"] == ("runtime" if padded else "specialized"), mask
+        assert mask["kind"] == ("padding" if padded else "causal"), mask
+        assert mask.get("causal", "top_left") == "top_left" and mask.get("align", "top_left") == "top_left"
+        assert mask["kernel"] == "sdpa.split", mask
+        if layer in local:
+            assert mask["window"] == WINDOW and "sliding window of 4 keys" in mask["why"], mask
+        else:
+            assert "window" not in mask, mask
