@@ -250,6 +250,13 @@ def test_band_blocks_on_cpu_by_counting_scores():
     assert kernel == "sdpa.split" and "16 SDPA call(s)" in why  # the blocks grow to fit the call budget
 
 
+def test_right_padding_with_a_wide_window_stays_dense():
+    """Rows past a sequence's end see a shrinking key range each: one segment per row, too many to run apart."""
+    kernel, why = execute.choose_kernel(Padding((512, 100), "right", "top_left", 400), 2, 512, 512, CUDA,
+                                        torch.bfloat16, 64)
+    assert kernel is None and "shrinking key range" in why
+
+
 @pytest.mark.parametrize("forced", ["varlen.torch.varlen", "varlen.aten.flash"])
 def test_forcing_a_kernel_without_windows_keeps_the_mask(forced, monkeypatch):
     monkeypatch.setattr(capabilities, "torch_version", lambda: (2, 10))

@@ -26,6 +26,7 @@ from attnfx.masks import BlockDiagonal, General, MaskStructure, Padding, Segment
 FILLS = ("zero", "nan", "mean_v", "unmasked")
 MAX_SPLIT = 16  # more segments than this: one varlen launch beats many small SDPA calls
 BAND_WORK = 0.75  # band blocks are worth their launches when they compute at most this share of the dense scores
+MAX_WINDOW_SEGMENTS = 256  # a windowed structure in more pieces than this (right padding, wide window) stays dense
 
 
 def window_of(structure: MaskStructure) -> int | None:
@@ -69,6 +70,9 @@ def _windowed_kernel(structure: MaskStructure, batch: int, q_len: int, kv_len: i
     """(kernel, why) for a sliding-window structure, by counting the scores each way computes."""
     w = window_of(structure)
     segs = structure.segments(q_len, kv_len)
+    if len(segs) > MAX_WINDOW_SEGMENTS:
+        return None, (f"sliding window of {w} keys: {len(segs)} segments (rows past a sequence's end each see their "
+                      "own shrinking key range): the dense mask is kept")
     dense = batch * q_len * kv_len
     band = _scores(segs, batch, computed=False)
     impls = [f"varlen.{i}" for i in varlen.implementations(device, dtype) if i != "reference"
