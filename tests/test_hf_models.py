@@ -3,7 +3,7 @@ two sequence lengths. Logits must equal the original's and every layer's site mu
 
 import pytest
 import torch
-from hf_models import ARCHS, COMMON, batch, build
+from hf_models import ARCHS, SLIDING, batch, build, build_sliding, local_layers
 
 import attnfx
 
@@ -146,28 +146,7 @@ def test_xlm_in_place_masked_fill_is_followed():
     assert all(site.rewritten and site.applied[0] == "manual_attention" for site in report.sites)
 
 
-SLIDING = {  # models with sliding-window layers: class names, and the config making layer 0 local, layer 1 global
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
-    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {}),
-    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {}),
-    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}),
-}
 WINDOW = 4
-
-
-def build_sliding(arch, attn):
-    import transformers
-
-    cfg_name, model_name, extra = SLIDING[arch]
-    cfg_cls, model_cls = getattr(transformers, cfg_name, None), getattr(transformers, model_name, None)
-    if cfg_cls is None or model_cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
-    layers = {} if arch == "mistral" else {"layer_types": ["sliding_attention", "full_attention"]}
-    cfg = cfg_cls(**{**COMMON, **extra, **layers}, sliding_window=WINDOW)
-    cfg._attn_implementation = attn
-    torch.manual_seed(0)
-    return model_cls(cfg).eval()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -176,10 +155,11 @@ def test_sliding_window_layers_run_on_a_windowed_kernel(arch, attn):
     """Local layers: HF's sliding mask (i - window < j <= i, and the padding) is classified with its window and
     run on band blocks (sdpa.split, the windowed kernel on CPU); global layers: causal as before. First call
     without padding (the mask read at compile time), then with left padding (a new length: read at run time)."""
-    model = build_sliding(arch, attn)
+    model = build_sliding(arch, attn, WINDOW)
+    if model is None:
+        pytest.skip(f"this transformers has no {SLIDING[arch][1]}")
     report = _run_padded(model, calls=((7, 0), (11, 2)))
-    local = {i for i, t in enumerate(getattr(model.config, "layer_types", None) or ["sliding_attention"] * 2)
-             if t == "sliding_attention"}
+    local = local_layers(model)
     assert local and len(report.sites) == 4
     for i, site in enumerate(report.sites):
         layer, padded = i % 2, i >= 2
