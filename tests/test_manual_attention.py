@@ -284,6 +284,24 @@ def test_xlm_masked_fill_in_place_whose_result_is_dropped():
     assert "masked_fill_" not in c.ops()
 
 
+def test_in_place_writes_under_dynamic_shapes_leave_no_score_node():
+    def attn(q, k, v, padding):
+        scores = torch.matmul(q, k.transpose(2, 3))
+        scores /= q.size(-1) ** 0.5
+        mask = (padding == 0).view(q.shape[0], 1, 1, k.shape[2]).expand_as(scores)
+        scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(scores), v)
+
+    c = Compiled(attn, dynamic=True)
+    for length in (6, 9):
+        q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
+        padding = torch.ones(B, length, dtype=torch.long)
+        padding[1, :2] = 0
+        assert_same(c(q, k, v, padding), attn(q, k, v, padding))
+    assert len(c.graphs) == 1 and c.sites[0].rewritten
+    assert not {"matmul", "div", "masked_fill", "expand_as"} & set(c.ops())  # the writes went with the scores
+
+
 def bloom_attention(q3, k3, v3, alibi, mask):
     """transformers' Bloom eager attention: (B·H, L, D) operands, ``alibi.baddbmm`` with keyword arguments, a
     view to (B, H, L, S) for the mask and the float32 softmax, dropout, a view back to (B·H, L, S), ``bmm``."""

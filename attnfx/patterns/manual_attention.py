@@ -101,6 +101,7 @@ class Scores:
     replaced: bool = False
     heads: tuple[Any, Any] | None = None  # (B, H) as a view spells them, when it split (B·H, Q, K) scores
     nodes: list[fx.Node] = field(default_factory=list)  # the score computation's nodes, bottom first
+    bypassed: list[fx.Node] = field(default_factory=list)  # mask terms replaced by their input (``expand_as``)
 
 
 def _number(x: Any) -> float | None:
@@ -367,6 +368,7 @@ def _term(graph: fx.Graph, t: Term, s: Scores, like: fx.Node) -> Any:
     if isinstance(t, tuple):
         return emit(graph, "call_function", torch.logical_not, (_term(graph, t[1], s, like),), like=like)
     if isinstance(t, fx.Node) and t.op == "call_method" and t.target == "expand_as" and t.args[1] in s.nodes:
+        s.bypassed.append(t)
         return t.args[0]  # expanded to the scores' shape (XLM): SDPA broadcasts the mask the same way
     return t
 
@@ -583,7 +585,7 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome:
     if not all(known_eq(a, b) for a, b in zip(fake(result).shape, out.shape)) or fake(result).dim() != out.dim():
         raise AssertionError("manual_attention built an output of the wrong shape")  # never silently wrong
     pv.replace_all_uses_with(result)
-    inputs_left = _erase_site(pv, chain, softmax, s.nodes)
+    inputs_left = _erase_site(pv, chain, softmax, [*s.nodes, *s.bypassed])
     notes = "; ".join(n for n, on in (
         ("rows whose mask is all -inf are set to NaN, as the original computes", mask.allowed is not None),
         ("rows whose mask is all finfo.min get the mean of v, as the original computes", mask.all_min is not None),
@@ -602,9 +604,9 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome:
 
 
 def _erase_site(pv: fx.Node, chain: list[fx.Node], softmax: fx.Node, score_nodes: list[fx.Node]) -> list[fx.Node]:
-    """Remove the original attention once nothing reads it: the output matmul, the probabilities and the score
-    nodes — in-place writes included, since their memory belongs to the scores alone (``_check_memory``).
-    Returns what the removed nodes read (they may now be dead too)."""
+    """Remove the original attention once nothing reads it: the output matmul, the probabilities (and mask terms
+    the SDPA call no longer reads) and the score nodes — in-place writes included, since their memory belongs to
+    the scores alone (``_check_memory``). Returns what the removed nodes read (they may now be dead too)."""
     graph = pv.graph
     erased, inputs = set(), set()
     for n in [pv, *reversed(chain), softmax, *sorted(set(score_nodes), key=_Later, reverse=True)]:
