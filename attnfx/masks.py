@@ -3,12 +3,13 @@
 Each structure can ``materialize()`` the dense boolean mask it stands for (True = attend), so "the plan
 equals the mask" is one ``torch.equal`` — in the tests and in the runtime verification — and can list
 its ``segments()``: rectangles of (query rows × contiguous key range) that an unmasked kernel computes
-one by one, optionally causal (bottom-right aligned inside the rectangle). Query rows covered by no
+one by one, optionally causal (bottom-right aligned inside the rectangle), optionally with a sliding window
+(each row then also sees only the ``window`` keys ending at its diagonal). Query rows covered by no
 segment have no allowed key.
 
     NoMask          every key
     Causal          key j allowed for query i when j <= i (+ K - Q if bottom-right), optional window
-    Padding         per batch row, keys [0, len) (right) or [K - len, K) (left), optionally causal
+    Padding         per batch row, keys [0, len) (right) or [K - len, K) (left), optionally causal (and windowed)
     BlockDiagonal   packed sequences: query block b sees key block b only (optionally causal)
     RowGroups       contiguous query row groups, each seeing one contiguous key range
     General         anything else (kept dense)
@@ -27,7 +28,10 @@ import torch
 
 @dataclass(frozen=True)
 class Segment:
-    """Query rows [q0, q1) attend keys [k0, k1) — all of them, or causally (bottom-right aligned)."""
+    """Query rows [q0, q1) attend keys [k0, k1) — all of them, or causally: row r sees the keys up to its
+    diagonal ``k1 - q1 + r`` (bottom-right aligned) and, with a ``window``, only the last ``window`` of them
+    (keys j with ``diagonal - window < j <= diagonal``: HF's ``sliding_window``, FlashAttention's
+    ``window_size=(window - 1, 0)``). Every row of a causal segment has its diagonal at or after ``k0``."""
 
     q0: int
     q1: int
@@ -35,14 +39,45 @@ class Segment:
     k1: int
     causal: bool = False
     batch: int | None = None  # one batch row, or None for all
+    window: int | None = None  # with causal: keys per row, counting the diagonal
+
+    def __post_init__(self):
+        if self.window is not None and not (self.causal and self.window >= 1):
+            raise ValueError("a segment's window needs causal and at least one key")
+
+    def band(self) -> torch.Tensor:
+        """The segment's (q1 - q0, k1 - k0) bool block: True where a row may attend a key."""
+        lq, lk = self.q1 - self.q0, self.k1 - self.k0
+        block = torch.ones(lq, lk, dtype=torch.bool)
+        if self.causal:
+            block = block.tril(diagonal=lk - lq)
+        if self.window is not None:
+            block = block.triu(diagonal=lk - lq - self.window + 1)
+        return block
+
+    def windowed(self) -> bool:
+        """Whether the window cuts any row (the last row has the most keys before its diagonal)."""
+        return self.window is not None and self.k1 - self.k0 > self.window
 
     def allowed(self, q_len: int, kv_len: int, device=None) -> torch.Tensor:
         m = torch.zeros(q_len, kv_len, dtype=torch.bool, device=device)
-        block = torch.ones(self.q1 - self.q0, self.k1 - self.k0, dtype=torch.bool, device=device)
-        if self.causal:
-            block = block.tril(diagonal=(self.k1 - self.k0) - (self.q1 - self.q0))
-        m[self.q0:self.q1, self.k0:self.k1] = block
+        m[self.q0:self.q1, self.k0:self.k1] = self.band().to(device)
         return m
+
+    def split_rows(self, rows: int) -> list[Segment]:
+        """The segment as blocks of ``rows`` query rows, each over the keys its rows may attend (a band, for a
+        windowed segment): the same (row, key) pairs, since every block keeps the rows' diagonals and window."""
+        if not self.causal:
+            return [Segment(r, min(r + rows, self.q1), self.k0, self.k1, batch=self.batch)
+                    for r in range(self.q0, self.q1, rows)]
+        out = []
+        for r0 in range(self.q0, self.q1, rows):
+            r1 = min(r0 + rows, self.q1)
+            diag0 = self.k1 - self.q1 + r0  # the first row's diagonal
+            k0 = self.k0 if self.window is None else max(self.k0, diag0 - self.window + 1)
+            out.append(Segment(r0, r1, k0, self.k1 - self.q1 + r1, causal=True, batch=self.batch,
+                               window=self.window))
+        return out
 
 
 class MaskStructure:
@@ -86,11 +121,7 @@ class Causal(MaskStructure):
         return 0 if self.align == "top_left" else kv_len - q_len
 
     def segments(self, q_len, kv_len):
-        off = self._offset(q_len, kv_len)
-        if self.window is not None:  # one segment per row: kernels with windows take the structure itself
-            return [Segment(i, i + 1, max(0, i + off - self.window + 1), min(kv_len, i + off + 1))
-                    for i in range(q_len) if i + off >= 0]
-        return causal_segments(q_len, 0, kv_len, off)
+        return causal_segments(q_len, 0, kv_len, self._offset(q_len, kv_len), window=self.window)
 
     def describe(self):
         d = {"kind": self.kind, "align": self.align}
@@ -102,12 +133,18 @@ class Causal(MaskStructure):
 @dataclass(frozen=True)
 class Padding(MaskStructure):
     """Per batch row b, only ``lengths[b]`` keys are real: the first ones (right padding) or the last
-    ones (left padding). With ``causal``, also j <= i (aligned as given, over the full length)."""
+    ones (left padding). With ``causal``, also j <= i (aligned as given, over the full length), and with a
+    ``window``, also j > i - window (HF's sliding-window layers on a padded batch)."""
 
     kind: ClassVar[str] = "padding"
     lengths: tuple[int, ...] = ()
     side: str = "right"
     causal: str | None = None
+    window: int | None = None
+
+    def __post_init__(self):
+        if self.window is not None and self.causal is None:
+            raise ValueError("a padding window needs causal")
 
     @property
     def batch(self) -> int:  # type: ignore[override]
@@ -122,22 +159,37 @@ class Padding(MaskStructure):
             if self.causal is None:
                 segs.append(Segment(0, q_len, k0, k1, batch=b))
             else:
-                segs += causal_segments(q_len, k0, k1, 0 if self.causal == "top_left" else kv_len - q_len, b)
+                segs += causal_segments(q_len, k0, k1, 0 if self.causal == "top_left" else kv_len - q_len, b,
+                                        self.window)
         return segs
 
     def describe(self):
-        return {"kind": self.kind, "side": self.side, "lengths": list(self.lengths), "causal": self.causal}
+        d = {"kind": self.kind, "side": self.side, "lengths": list(self.lengths), "causal": self.causal}
+        if self.window is not None:
+            d["window"] = self.window
+        return d
 
 
-def causal_segments(q_len: int, k0: int, k1: int, off: int, batch: int | None = None) -> list[Segment]:
-    """Rows i seeing keys [k0, min(k1, i + off + 1)): none at first, then a causal run, then all of them."""
+def causal_segments(q_len: int, k0: int, k1: int, off: int, batch: int | None = None,
+                    window: int | None = None) -> list[Segment]:
+    """Rows i seeing keys [k0, min(k1, i + off + 1)) — with a window, only those after i + off - window: none
+    at first, then a causal run (windowed), then rows whose diagonal lies past the keys: all of them, or with a
+    window each row its own shrinking range (one segment per row) until none is left."""
     first = max(0, k0 - off)
     causal_end = min(q_len, max(first, k1 - off))
     segs = []
     if causal_end > first:
-        segs.append(Segment(first, causal_end, k0, causal_end + off, causal=True, batch=batch))
-    if causal_end < q_len and k1 > k0:
-        segs.append(Segment(max(first, causal_end), q_len, k0, k1, batch=batch))
+        segs.append(Segment(first, causal_end, k0, causal_end + off, causal=True, batch=batch, window=window))
+    start = max(first, causal_end)
+    if window is None:
+        if start < q_len and k1 > k0:
+            segs.append(Segment(start, q_len, k0, k1, batch=batch))
+        return segs
+    for r in range(start, q_len):
+        lo = max(k0, r + off - window + 1)
+        if lo >= k1:
+            break
+        segs.append(Segment(r, r + 1, lo, k1, batch=batch))
     return segs
 
 
@@ -281,8 +333,12 @@ def _structure(rows_per_batch: list[list[list[int]]], q_len: int, kv_len: int) -
     per_batch = [_intervals(r) for r in rows_per_batch]
     if all(iv == per_batch[0] for iv in per_batch):
         s = _single(per_batch[0], q_len, kv_len)
-        if s is not None:
+        if s is not None and not isinstance(s, RowGroups):
             return s
+        p = _padding(per_batch, q_len, kv_len)  # row groups, unless padding says it in fewer segments (a window)
+        if s is None or (p is not None and len(p.segments(q_len, kv_len)) < len(s.segments(q_len, kv_len))):
+            return p
+        return s
     return _padding(per_batch, q_len, kv_len)
 
 
@@ -312,8 +368,7 @@ def _causal_iv(r: int, off: int, kv_len: int, window: int | None) -> tuple[int, 
 
 
 def _window(iv, off, kv_len) -> int | None:
-    k0, k1 = iv[-1]
-    w = k1 - k0
+    w = max(k1 - k0 for k0, k1 in iv)  # the window, if any: the most keys a row sees
     if w <= 0 or w >= kv_len:
         return None
     return w if all(i == _causal_iv(r, off, kv_len, w) for r, i in enumerate(iv)) else None
@@ -342,20 +397,22 @@ def _runs(iv: list[tuple[int, int]]) -> list[Segment]:
 
 
 def _padding(per_batch: list[list[tuple[int, int]]], q_len: int, kv_len: int) -> MaskStructure | None:
+    widest = max((k1 - k0 for iv in per_batch for k0, k1 in iv), default=0)  # a window's size, if any
     for side in ("right", "left"):
         for causal in (None, "top_left", "bottom_right"):
-            lengths = []
-            for iv in per_batch:
-                n = _padding_length(iv, side, causal, q_len, kv_len)
-                if n is None:
-                    break
-                lengths.append(n)
-            else:
-                return Padding(tuple(lengths), side, causal)
+            for window in ((None,) if causal is None or widest == 0 else (None, widest)):
+                lengths = []
+                for iv in per_batch:
+                    n = _padding_length(iv, side, causal, window, q_len, kv_len)
+                    if n is None:
+                        break
+                    lengths.append(n)
+                else:
+                    return Padding(tuple(lengths), side, causal, window)
     return None
 
 
-def _padding_length(iv, side, causal, q_len, kv_len) -> int | None:
+def _padding_length(iv, side, causal, window, q_len, kv_len) -> int | None:
     widest = max((k1 - k0 for k0, k1 in iv), default=0)
     candidates = {widest}
     if side == "right":
@@ -363,7 +420,7 @@ def _padding_length(iv, side, causal, q_len, kv_len) -> int | None:
     else:
         candidates |= {kv_len - k0 for k0, k1 in iv if k1 > k0}
     for n in sorted(candidates):
-        p = Padding((n,), side, causal)
+        p = Padding((n,), side, causal, window)
         expect = _intervals_of(p, q_len, kv_len)
         if expect == iv:
             return n
@@ -375,5 +432,6 @@ def _intervals_of(structure: MaskStructure, q_len: int, kv_len: int) -> list[tup
     for s in structure.segments(q_len, kv_len):
         for r in range(s.q0, s.q1):
             k1 = s.k1 - (s.q1 - 1 - r) if s.causal else s.k1
-            iv[r] = (s.k0, k1) if k1 > s.k0 else (0, 0)
+            k0 = s.k0 if s.window is None else max(s.k0, k1 - s.window)
+            iv[r] = (k0, k1) if k1 > k0 else (0, 0)
     return iv

@@ -2,10 +2,14 @@
 
     python benchmarks/gpu_correctness.py --out DIR
 
-Tiny random-weight HF models (sdpa and eager attention, left padding, bf16 and fp32) and every GQA
-spelling of tests/test_gqa.py with bool masks that include rows with no allowed key. Each case runs
-attnfx.optimize(..., verify=True) — HF models through Inductor, the spellings with the eager inner
-compiler (the CUDA kernels are the same) — compares to the original, and records the report. Writes DIR/gpu_correctness.json; prints one line per case and a final tally.
+Tiny random-weight HF models (sdpa and eager attention, left padding, bf16 and fp32) — among them models
+with sliding-window layers (Mistral, Gemma3, Cohere2, OLMo3, EXAONE4: the windows on FlashAttention's
+window_size), Bloom (batch×heads views, ALiBi) and Falcon —, every GQA spelling of tests/test_gqa.py with bool
+masks that include rows with no allowed key, every mask structure of tests/test_mask_structure.py and
+tests/test_windows.py on each CUDA kernel, and each windowed varlen kernel against the reference on packed
+sequences. Each case runs attnfx.optimize(..., verify=True) — HF models through Inductor, the spellings with
+the eager inner compiler (the CUDA kernels are the same) — compares to the original, and records the report.
+Writes DIR/gpu_correctness.json; prints one line per case and a final tally.
 """
 
 from __future__ import annotations
@@ -47,6 +51,88 @@ def hf_cases(dev):
                 yield f"hf {arch} {attn} {str(dtype)[6:]}", case
 
 
+def _hf_case(model, dev, dtype, length=37, pad=5):
+    opt = attnfx.optimize(model.to(dev, dtype), verify=True, rtol=TOL[dtype], atol=TOL[dtype])
+    ids, mask = batch_of(length, pad)
+    ids, mask = ids.to(dev), mask.to(dev)
+    with torch.no_grad():
+        out = opt(ids, attention_mask=mask).logits
+        ref = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    return (out - ref)[keep].abs().max().item(), attnfx.report(opt)
+
+
+def batch_of(length, pad):
+    from hf_models import batch
+
+    return batch(length, pad=pad)
+
+
+def sliding_cases(dev):
+    """Sliding-window layers (window 8 over 37 tokens, left padding): local layers on a windowed kernel."""
+    from hf_models import SLIDING, build_sliding
+
+    for arch in sorted(SLIDING):
+        for attn in ("sdpa", "eager"):
+            for dtype in (torch.bfloat16, torch.float32):
+                if build_sliding(arch, attn) is None:
+                    continue  # not in this transformers
+
+                def case(arch=arch, attn=attn, dtype=dtype):
+                    return _hf_case(build_sliding(arch, attn, window=8), dev, dtype)
+                yield f"hf-window {arch} {attn} {str(dtype)[6:]}", case
+
+
+def manual_cases(dev):
+    """Eager attention manual_attention rewrites: Bloom (batch×heads views, ALiBi), Falcon variants."""
+    import transformers
+
+    models = {
+        "bloom": lambda: transformers.BloomForCausalLM(transformers.BloomConfig(
+            vocab_size=128, hidden_size=64, n_layer=2, n_head=4)),
+        "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
+        "falcon-new-arch": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            new_decoder_architecture=True, num_kv_heads=2)),
+        "falcon-alibi": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+            multi_query=False)),
+    }
+    for name, make in sorted(models.items()):
+        for dtype in (torch.bfloat16, torch.float32):
+            def case(make=make, dtype=dtype):
+                torch.manual_seed(0)
+                model = make()
+                model.config._attn_implementation = "eager"
+                return _hf_case(model.eval(), dev, dtype)
+            yield f"hf-manual {name} eager {str(dtype)[6:]}", case
+
+
+def window_cases(dev):
+    """Each windowed varlen kernel on packed sequences of different lengths against the reference (fp32):
+    FlashAttention's window_size=(w - 1, 0) must give HF's i - w < j <= i, bottom-right aligned."""
+    from attnfx.backends import reference, varlen
+
+    shapes = [((128, 128), (128, 128), 32), ((64, 64), (300, 180), 50), ((200, 77), (200, 77), 1),
+              ((100,), (100,), 150), ((300, 40), (64, 40), 16)]
+    for impl in varlen.implementations(dev, torch.bfloat16):
+        if impl == "reference" or not varlen.supports_window(impl):
+            continue
+        for lqs, lks, w in shapes:
+            def case(impl=impl, lqs=lqs, lks=lks, w=w):
+                q = torch.randn(sum(lqs), 8, 64, device=dev, dtype=torch.bfloat16)
+                k, v = (torch.randn(sum(lks), 2, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+                cu = lambda ls: torch.tensor([0, *ls], device=dev).cumsum(0).to(torch.int32)  # noqa: E731
+                out = varlen.varlen_attention(q, k, v, cu(lqs), cu(lks), max(lqs), max(lks), causal=True,
+                                              scale=None, impl=impl, window=w)
+                ref = reference.varlen(q.float(), k.float(), v.float(), cu(lqs), cu(lks), max(lqs), max(lks),
+                                       causal=True, window_size=(w - 1, 0))
+                torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+                return (out.float() - ref).abs().max().item(), None
+            yield f"window {impl} q{lqs} k{lks} w{w}", case
+
+
 def gqa_cases(dev):
     from test_gqa import SPELLINGS, B, D, H, L, S, make_kv
 
@@ -70,14 +156,17 @@ def gqa_cases(dev):
 
 
 def structure_cases(dev):
-    """Every mask structure of tests/test_mask_structure.py, each CUDA kernel, bool and finfo.min masks."""
+    """Every mask structure of tests/test_mask_structure.py and tests/test_windows.py (sliding windows), each
+    CUDA kernel, bool and finfo.min masks."""
     from test_mask_structure import STRUCTURES, spell
+    from test_windows import WINDOWED
 
     from attnfx.backends import varlen
 
     kernels = [None, "autotune", "sdpa.split", "flex"] + [f"varlen.{i}" for i in varlen.implementations(
         dev, torch.bfloat16) if i != "reference"]
-    for name, (structure, batch, q_len, kv_len) in sorted(STRUCTURES.items()):
+    structures = {**STRUCTURES, **{f"window_{n}": s for n, s in WINDOWED.items()}}
+    for name, (structure, batch, q_len, kv_len) in sorted(structures.items()):
         for kernel in kernels:
             for spelling in ("bool", "finfo.min"):
                 def case(structure=structure, batch=batch, q_len=q_len, kv_len=kv_len, kernel=kernel,
@@ -127,7 +216,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     results, failures = [], 0
-    for cases in (hf_cases(dev), gqa_cases(dev), structure_cases(dev)):
+    for cases in (hf_cases(dev), sliding_cases(dev), manual_cases(dev), gqa_cases(dev), structure_cases(dev),
+                  window_cases(dev)):
         for name, case in cases:
             if wanted and not any(w in name for w in wanted):
                 continue
@@ -135,12 +225,17 @@ def main():
             torch.manual_seed(0)
             try:
                 err, rep = case()
-                sites = rep.sites
+                sites = rep.sites if rep is not None else []
                 full = bool(sites) and all("gqa" in s.applied for s in sites)
-                if name.startswith("mask"):
+                if name.startswith(("mask", "hf-window")):
                     full = all("mask_structure" in s.applied for s in sites)
+                if name.startswith("hf-manual"):
+                    full = bool(sites) and all("manual_attention" in s.applied for s in sites)
+                if name.startswith("window "):
+                    full = True
                 status = "rewritten" if full else "partly refused"
-                row = {"case": name, "ok": True, "status": status, "max_err": err, "verified": rep.verified,
+                row = {"case": name, "ok": True, "status": status, "max_err": err,
+                       "verified": rep.verified if rep is not None else None,
                        "sites": [s.to_dict() for s in sites]}
                 kernels = sorted({(s.details.get("mask") or {}).get("kernel", s.details.get("sdpa_kernel", "?"))
                                   for s in sites})

@@ -28,6 +28,35 @@ def build(arch: str, attn: str = "sdpa", **overrides) -> torch.nn.Module:
     return model_cls(cfg).eval()
 
 
+# models with sliding-window layers: config and model class names, extra config; layer 0 local, layer 1 global
+SLIDING = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),  # every layer local
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {}),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}),
+}
+
+
+def build_sliding(arch: str, attn: str = "sdpa", window: int = 4) -> torch.nn.Module | None:
+    """A tiny model with ``sliding_window=window``, or None where this transformers has no such class."""
+    cfg_name, model_name, extra = SLIDING[arch]
+    cfg_cls, model_cls = getattr(transformers, cfg_name, None), getattr(transformers, model_name, None)
+    if cfg_cls is None or model_cls is None:
+        return None
+    layers = {} if arch == "mistral" else {"layer_types": ["sliding_attention", "full_attention"]}
+    cfg = cfg_cls(**{**COMMON, **extra, **layers}, sliding_window=window)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return model_cls(cfg).eval()
+
+
+def local_layers(model) -> set[int]:
+    """The indices of a model's sliding-window layers."""
+    types = getattr(model.config, "layer_types", None) or ["sliding_attention"] * model.config.num_hidden_layers
+    return {i for i, t in enumerate(types) if t == "sliding_attention"}
+
+
 def batch(length: int, pad: int = 2, batch_size: int = 2, seed: int = 0):
     """Token ids and a left-padded attention mask (row 1 has ``pad`` padding tokens)."""
     g = torch.Generator().manual_seed(seed)

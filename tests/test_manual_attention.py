@@ -215,6 +215,126 @@ def test_gradients_match_in_training():
         assert_same(a, e)
 
 
+def falcon_4x_attention(q, k, v, mask):
+    """transformers 4.x Falcon's eager attention: the scores are scaled in place (``/=``), the mask added after."""
+    attention_scores = q @ k.transpose(-1, -2)
+    attention_scores /= math.sqrt(D)
+    attention_scores = F.softmax(attention_scores + mask, dim=-1, dtype=q.dtype)
+    return attention_scores @ v
+
+
+def falcon_4x_alibi_attention(q, k, v, mask, alibi):
+    """transformers 4.x Falcon with ALiBi: scores (B, H, L, S) plus alibi, then ``*=`` the scale in place."""
+    attention_scores = (q @ k.transpose(-1, -2)).view(B, H, L, S)
+    attention_logits = attention_scores + alibi.view(B, H, 1, -1)
+    attention_logits *= D**-0.5
+    attention_probs = F.softmax(attention_logits + mask, dim=-1, dtype=q.dtype)
+    return (attention_probs.view(B, H, L, S) @ v).flatten(0, 1)
+
+
+def test_falcon_in_place_scale():
+    q, k, v = inputs(kv_heads=H)
+    site, _ = check(falcon_4x_attention, q, k, v, hf_mask(torch.float32), patterns=("manual_attention",))
+    assert site.details["scale"] == pytest.approx(D**-0.5)
+
+
+def test_falcon_alibi_in_place_scale_applies_to_the_bias():
+    q, k, v = inputs(kv_heads=H)
+    alibi = torch.randn(B * H, 1, S)
+    check(falcon_4x_alibi_attention, q, k, v, hf_mask(torch.float32), alibi, patterns=("manual_attention",))
+
+
+@pytest.mark.parametrize("spelling", ["div_", "mul_", "itruediv", "imul_isub", "sub"])
+def test_in_place_scale_and_shift_spellings(spelling):
+    q, k, v = inputs(kv_heads=H)
+    bias = torch.randn(1, H, L, S)
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-1, -2)
+        if spelling == "div_":
+            s.div_(4.0)  # the result is dropped: softmax reads s, written in place
+        elif spelling == "mul_":
+            s.mul_(0.25).add_(bias)
+        elif spelling == "itruediv":
+            s /= 4.0
+        elif spelling == "imul_isub":
+            s *= 0.25
+            s -= 3.0  # a shift: softmax ignores it
+        else:
+            s = s * 0.25 - bias
+        return torch.softmax(s, -1) @ v
+
+    site, _ = check(attn, q, k, v, patterns=("manual_attention",))
+    assert site.details["scale"] == 0.25
+
+
+def test_xlm_masked_fill_in_place_whose_result_is_dropped():
+    """XLM/Flaubert: ``scores.masked_fill_(mask, finfo.min)`` then ``softmax(scores.float()).type_as(scores)``."""
+    q, k, v = inputs(kv_heads=H)
+    padding = torch.tensor([[1] * S, [0, 0] + [1] * (S - 2)])
+
+    def attn(q, k, v, padding):
+        scores = torch.matmul(q / math.sqrt(D), k.transpose(2, 3))
+        mask = (padding == 0).view(B, 1, 1, S).expand_as(scores)
+        scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores.float(), dim=-1).type_as(scores)
+        return torch.matmul(F.dropout(weights, p=0.1, training=False), v)
+
+    site, c = check(attn, q, k, v, padding, patterns=("manual_attention",))
+    assert "masked_fill_" not in c.ops()
+
+
+def test_in_place_writes_under_dynamic_shapes_leave_no_score_node():
+    def attn(q, k, v, padding):
+        scores = torch.matmul(q, k.transpose(2, 3))
+        scores /= q.size(-1) ** 0.5
+        mask = (padding == 0).view(q.shape[0], 1, 1, k.shape[2]).expand_as(scores)
+        scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(scores), v)
+
+    c = Compiled(attn, dynamic=True)
+    for length in (6, 9):
+        q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
+        padding = torch.ones(B, length, dtype=torch.long)
+        padding[1, :2] = 0
+        assert_same(c(q, k, v, padding), attn(q, k, v, padding))
+    assert len(c.graphs) == 1 and c.sites[0].rewritten
+    assert not {"matmul", "div", "masked_fill", "expand_as"} & set(c.ops())  # the writes went with the scores
+
+
+def bloom_attention(q3, k3, v3, alibi, mask):
+    """transformers' Bloom eager attention: (B·H, L, D) operands, ``alibi.baddbmm`` with keyword arguments, a
+    view to (B, H, L, S) for the mask and the float32 softmax, dropout, a view back to (B·H, L, S), ``bmm``."""
+    scores = alibi.baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=D**-0.5)
+    w = scores.view(B, H, L, -1) + mask
+    p = F.softmax(w, dim=-1, dtype=torch.float32).to(q3.dtype)
+    p = F.dropout(p, p=0.0, training=False)
+    return torch.bmm(p.view(B * H, L, -1), v3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bloom_batch_heads_views_and_alibi(dtype):
+    q3, k3, v3 = (torch.randn(B * H, n, D, dtype=dtype) for n in (L, S, S))
+    alibi = (torch.arange(S, dtype=dtype)[None, None, :] * -torch.rand(B * H, 1, 1, dtype=dtype))
+    site, c = check(bloom_attention, q3, k3, v3, alibi, hf_mask(dtype), patterns=("manual_attention",),
+                    dtype=dtype)
+    (sdpa,) = c.sdpa_nodes()
+    assert sdpa.meta["example_value"].shape == (B, H, L, D)  # SDPA runs on the (B, H) split
+
+
+def test_batch_heads_views_under_dynamic_shapes():
+    def attn(q3, k3, v3):
+        b = q3.shape[0] // H
+        s = torch.bmm(q3, k3.transpose(1, 2)).view(b, H, q3.shape[1], -1) * 0.25
+        return torch.bmm(s.softmax(-1).flatten(0, 1), v3)
+
+    c = Compiled(attn, dynamic=True)
+    for batch, length in ((2, 5), (3, 8)):
+        q3, k3, v3 = (torch.randn(batch * H, length, D) for _ in range(3))
+        assert_same(c(q3, k3, v3), attn(q3, k3, v3))
+    assert all(site.rewritten for site in c.sites)
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 
@@ -308,3 +428,53 @@ def test_non_attention_softmax_is_not_a_site():
     c = Compiled(lambda x: torch.topk((x @ w).softmax(-1), 2).values)
     c(x)
     assert len(c.sites) == 0
+
+
+def test_other_views_of_the_scores_are_refused():
+    q3, k3, v3 = (torch.randn(B * H, n, D) for n in (L, S, S))
+
+    def attn(q3, k3, v3):  # keys and queries mixed into one axis: not a batch×heads split
+        s = torch.bmm(q3, k3.transpose(1, 2)).view(B * H, L // 2, 2 * S)
+        return torch.bmm(s.softmax(-1).view(B * H, L, S), v3)
+
+    assert "reshaped" in refused(attn, q3, k3, v3).reason
+
+
+def test_in_place_write_into_scores_read_elsewhere_is_refused():
+    q, k, v = inputs(kv_heads=H)
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-1, -2)
+        raw = s.view(-1)  # a view of the scores, returned: it sees the write below
+        s.div_(4.0)
+        return torch.softmax(s, -1) @ v, raw
+
+    assert "written in place" in refused(attn, q, k, v).reason
+
+
+def test_in_place_write_into_an_input_is_refused():
+    q, k, v = inputs(kv_heads=H)
+
+    def attn(q, k, v, bias):
+        bias += q @ k.transpose(-1, -2)  # writes into the caller's tensor
+        return torch.softmax(bias, -1) @ v
+
+    c = Compiled(attn)
+    bias1, bias2 = torch.randn(B, H, L, S), None
+    bias2 = bias1.clone()
+    assert_same(c(q, k, v, bias1), attn(q, k, v, bias2))
+    assert_same(bias1, bias2)
+    (site,) = c.sites
+    assert not site.rewritten and "did not create" in site.reason
+
+
+def test_write_into_v_while_attention_reads_it_is_refused():
+    q, k, v = inputs(kv_heads=H)
+
+    def attn(q, k, v):
+        v = v * 1.0
+        p = torch.softmax(q @ k.transpose(-1, -2), -1)
+        v.mul_(2.0)  # after the scores, before the output matmul: SDPA would read the doubled v too early
+        return p @ v
+
+    assert "written in place" in refused(attn, q, k, v).reason

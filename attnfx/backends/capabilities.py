@@ -2,7 +2,14 @@
 
 Patterns never hard-code kernel facts; they ask this table (through the adapters beside it)
 whether a kernel takes K/V with fewer heads natively, a dense mask, a causal alignment, packed
-variable-length sequences, on which device/dtype/head_dim and from which torch version.
+variable-length sequences, a causal sliding window, on which device/dtype/head_dim and from which torch
+version.
+
+``window`` is the torch version from which a kernel runs causal sliding windows (each query row sees the
+``w`` keys ending at its diagonal: HF's ``sliding_window``), None if it never does. SDPA's own kernels take
+no window argument; ``sdpa.split`` runs a window as blocks of query rows over their key band; FlashAttention
+varlen kernels take ``window_size=(w - 1, 0)``; FlexAttention and the references take any mask. The adapters
+also check what the installed version takes (``varlen.supports_window``).
 
 ``gqa`` says how a kernel treats K/V with fewer heads than Q:
   ``"native"``  reads each K/V head once for its group of query heads (no copy);
@@ -43,6 +50,7 @@ class Kernel:
     varlen: bool  # packed sequences with cu_seqlens
     min_torch: tuple[int, int]
     min_arch: tuple[int, int] | None = None  # CUDA compute capability
+    window: tuple[int, int] | None = None  # causal sliding windows from this torch version (None: never)
     no_key_rows: NoKeyRows = field(default_factory=lambda: {"bool": "unknown", "-inf": "unknown",
                                                             "finfo.min": "unknown"})
     verified: str = ""
@@ -82,29 +90,35 @@ _ANY_FILL = {"bool": "any", "-inf": "any", "finfo.min": "any"}
 TABLE += (
     Kernel("sdpa.split", "execute", ("cuda", "cpu", "npu", "xpu", "mps"), (F16, BF16, F32, F64), None,
            mask=False, gqa="native", causal=("top_left", "bottom_right"), varlen=True, min_torch=(2, 5),
-           no_key_rows=_ANY_FILL, note="one SDPA call per segment (views of q/k/v, no copies); a bottom-right "
-                                       "causal segment with more keys than queries takes a small bool mask"),
+           no_key_rows=_ANY_FILL, window=(2, 5),
+           note="one SDPA call per segment (views of q/k/v, no copies); a bottom-right causal segment with more "
+                "keys than queries takes a small bool mask; a sliding window runs as blocks of query rows, each "
+                "over its key band with a small band mask (or is_causal where the window cuts nothing)"),
     Kernel("varlen.flash_attn", "varlen", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
            causal=("bottom_right",), varlen=True, min_torch=(2, 5), min_arch=(8, 0), no_key_rows=_ANY_FILL,
-           verified="not measured here (flash-attn not installed on the test GPU)"),
+           window=(2, 5), verified="not measured here (flash-attn not installed on the test GPU); window_size "
+                                   "(flash-attn >= 2.3) tested through the reference only"),
     Kernel("varlen.torch.varlen", "varlen", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
            causal=("bottom_right",), varlen=True, min_torch=(2, 10), min_arch=(8, 0), no_key_rows=_ANY_FILL,
-           verified="measured on H200, torch 2.11: K/V with fewer heads accepted"),
+           window=(2, 11), verified="measured on H200, torch 2.11: K/V with fewer heads accepted; window_size "
+                                    "read in torch's source (2.11, 2.13), checked by benchmarks/gpu_correctness.py"),
     Kernel("varlen.aten.flash", "varlen", ("cuda",), (F16, BF16), 256, mask=False, gqa="native",
            causal=("bottom_right",), varlen=True, min_torch=(2, 5), min_arch=(8, 0), no_key_rows=_ANY_FILL,
-           verified="measured on H200, torch 2.11: K/V with fewer heads accepted"),
+           window=(2, 5), verified="measured on H200, torch 2.11: K/V with fewer heads accepted; window_size_left/"
+                                   "right read in the op's schema (torch 2.13), checked by gpu_correctness.py"),
     Kernel("varlen.reference", "varlen", ("cuda", "cpu"), (F16, BF16, F32, F64), None, mask=False,
            gqa="expands", causal=("bottom_right",), varlen=True, min_torch=(2, 5), no_key_rows=_ANY_FILL,
-           note="pure PyTorch, for tests"),
+           window=(2, 5), note="pure PyTorch, for tests: FlashAttention's varlen semantics, windows included"),
     Kernel("flex", "flex", ("cuda", "cpu"), (F16, BF16, F32), None, mask=True, gqa="native",
            causal=("top_left", "bottom_right"), varlen=False, min_torch=(2, 5),
-           no_key_rows={"bool": "zero", "-inf": "zero", "finfo.min": "zero"},
+           no_key_rows={"bool": "zero", "-inf": "zero", "finfo.min": "zero"}, window=(2, 5),
            verified="CPU (torch 2.13): rows with no allowed key give 0; H200 torch 2.11: exact where Inductor lowers "
                     "it, which it could not for some short sequences (the site then falls back to the dense mask)",
-           note="block mask derived from the dense mask once per distinct mask; compiled per shape on CUDA"),
+           note="block mask derived once per distinct mask (from the structure's formula for causal, windowed and "
+                "padded masks, else from the dense mask); compiled per shape on CUDA"),
     Kernel("reference", "reference", ("cuda", "cpu"), (F16, BF16, F32, F64), None, mask=True,
            gqa="expands", causal=("top_left", "bottom_right"), varlen=False, min_torch=(2, 5),
-           no_key_rows=_ANY_FILL, note="pure PyTorch, for tests"),
+           no_key_rows=_ANY_FILL, window=(2, 5), note="pure PyTorch, for tests"),
 )
 
 BY_NAME = {k.name: k for k in TABLE}
@@ -128,8 +142,10 @@ def torch_version() -> tuple[int, int]:
 
 
 def supports(name: str, *, device: str, dtype: torch.dtype, head_dim: int | None = None,
-             arch: tuple[int, int] | None = None, version: tuple[int, int] | None = None) -> str | None:
-    """None if kernel ``name`` runs on this device/dtype/head_dim/arch/torch, else why not."""
+             arch: tuple[int, int] | None = None, version: tuple[int, int] | None = None,
+             window: bool = False) -> str | None:
+    """None if kernel ``name`` runs on this device/dtype/head_dim/arch/torch (with a sliding window, if asked),
+    else why not."""
     k = kernel(name)
     version = version or torch_version()
     if device not in k.devices:
@@ -142,4 +158,8 @@ def supports(name: str, *, device: str, dtype: torch.dtype, head_dim: int | None
         return f"{k.name} needs torch >= {k.min_torch[0]}.{k.min_torch[1]}"
     if k.min_arch is not None and arch is not None and arch < k.min_arch:
         return f"{k.name} needs compute capability >= {k.min_arch}"
+    if window and k.window is None:
+        return f"{k.name} takes no sliding window"
+    if window and version < k.window:
+        return f"{k.name} takes a sliding window from torch {k.window[0]}.{k.window[1]}"
     return None

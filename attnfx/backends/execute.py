@@ -3,10 +3,13 @@ over a slice of the queries and a contiguous range of the keys, and the rows wit
 with what the original computes there.
 
 Kernels (names as in the capability table):
-  ``sdpa.split``    one SDPA call per segment (views, no copies), outputs concatenated;
-  ``varlen.<impl>`` the segments packed into one (or, mixing causal and full segments, two) varlen calls;
-                    zero-copy where the layout allows (one packed batch row of block-diagonal sequences;
-                    right padding through ``seqused_k``);
+  ``sdpa.split``    one SDPA call per segment (views, no copies), outputs concatenated; a sliding-window
+                    segment as blocks of query rows, each over the band of keys its rows may attend, with a
+                    small band mask (``band_blocks``);
+  ``varlen.<impl>`` the segments packed into one (or, mixing causal and full segments, two) varlen calls,
+                    windows passed as FlashAttention's ``window_size``; zero-copy where the layout allows (one
+                    packed batch row of block-diagonal sequences; right padding through ``seqused_k``; a window
+                    over every row and key of each batch row, the batch rows as equal-length sequences);
   ``reference``     the pure-PyTorch reference, dense.
 """
 
@@ -18,10 +21,77 @@ import torch
 import torch.nn.functional as F
 
 from attnfx.backends import capabilities, reference, varlen
-from attnfx.masks import BlockDiagonal, Causal, General, MaskStructure, Padding, Segment
+from attnfx.masks import BlockDiagonal, General, MaskStructure, Padding, Segment
 
 FILLS = ("zero", "nan", "mean_v", "unmasked")
 MAX_SPLIT = 16  # more segments than this: one varlen launch beats many small SDPA calls
+BAND_WORK = 0.75  # band blocks are worth their launches when they compute at most this share of the dense scores
+MAX_WINDOW_SEGMENTS = 256  # a windowed structure in more pieces than this (right padding, wide window) stays dense
+
+
+def window_of(structure: MaskStructure) -> int | None:
+    """The structure's sliding window (keys per query row, counting the diagonal), if any."""
+    return getattr(structure, "window", None)
+
+
+def band_blocks(segs: list[Segment]) -> tuple[list[Segment], int]:
+    """The segments with each windowed one cut into blocks of query rows over their key bands, and the rows per
+    block: the window (a sequence's first block is then exactly causal: is_causal, no mask), doubled until the
+    calls fit in ``MAX_SPLIT``. Each block computes rows × (rows + window - 1) scores at most."""
+    windowed = [s for s in segs if s.windowed()]
+    if not windowed:
+        return segs, 0
+    rows, longest = max(s.window for s in windowed), max(s.q1 - s.q0 for s in windowed)
+    while True:
+        blocks = [b for s in segs for b in (s.split_rows(rows) if s.windowed() else [s])]
+        if len(blocks) <= MAX_SPLIT or rows >= longest:
+            return blocks, rows
+        rows *= 2
+
+
+def _scores(segs: list[Segment], batch: int, *, computed: bool) -> int:
+    """(query, key) pairs over every batch row: those the SDPA calls compute (whole rectangles; half a square
+    under is_causal), or those allowed."""
+    total = 0
+    for s in segs:
+        lq, lk = s.q1 - s.q0, s.k1 - s.k0
+        if computed and s.causal and not s.windowed() and lq == lk:
+            n = lq * (lq + 1) // 2
+        elif computed or not s.causal:
+            n = lq * lk
+        else:
+            n = sum(min(lk - lq + r + 1, s.window or lk) for r in range(lq))
+        total += n * (batch if s.batch is None else 1)
+    return total
+
+
+def _windowed_kernel(structure: MaskStructure, batch: int, q_len: int, kv_len: int, device: torch.device,
+                     dtype: torch.dtype, head_dim: int) -> tuple[str | None, str]:
+    """(kernel, why) for a sliding-window structure, by counting the scores each way computes."""
+    w = window_of(structure)
+    segs = structure.segments(q_len, kv_len)
+    if len(segs) > MAX_WINDOW_SEGMENTS:
+        return None, (f"sliding window of {w} keys: {len(segs)} segments (rows past a sequence's end each see their "
+                      "own shrinking key range): the dense mask is kept")
+    dense = batch * q_len * kv_len
+    band = _scores(segs, batch, computed=False)
+    impls = [f"varlen.{i}" for i in varlen.implementations(device, dtype) if i != "reference"
+             and varlen.supports_window(i)
+             and not capabilities.supports(f"varlen.{i}", device=device.type, dtype=dtype, head_dim=head_dim,
+                                           window=True)]
+    if impls:
+        return impls[0], (f"sliding window of {w} keys: varlen with window_size=({w - 1}, 0) computes the band "
+                          f"alone ({100 * band / dense:.0f}% of the dense scores)")
+    blocks, rows = band_blocks(segs)
+    computed = _scores(blocks, batch, computed=True)
+    if len(blocks) <= MAX_SPLIT and computed <= BAND_WORK * dense:
+        return "sdpa.split", (f"sliding window of {w} keys: {len(blocks)} SDPA call(s) over blocks of {rows} "
+                              f"query rows, each on its key band with a small band mask: "
+                              f"{100 * computed / dense:.0f}% of the dense scores (no windowed varlen kernel on "
+                              f"{device.type}/{dtype})")
+    return None, (f"sliding window of {w} keys: band blocks would take {len(blocks)} SDPA calls for "
+                  f"{100 * computed / dense:.0f}% of the dense scores, and no windowed varlen kernel runs on "
+                  f"{device.type}/{dtype}: the dense mask is kept")
 
 
 def choose_kernel(structure: MaskStructure, batch: int, q_len: int, kv_len: int, device: torch.device,
@@ -31,13 +101,16 @@ def choose_kernel(structure: MaskStructure, batch: int, q_len: int, kv_len: int,
     One SDPA call per segment reads q/k/v in place; varlen is chosen where it reads them in place too
     (one packed batch row of block-diagonal sequences) or where segments are too many for separate calls.
     """
+    window = window_of(structure) is not None
     if forced is not None:
-        why = capabilities.supports(forced, device=device.type, dtype=dtype, head_dim=head_dim)
+        why = capabilities.supports(forced, device=device.type, dtype=dtype, head_dim=head_dim, window=window)
+        if not why and window and forced.startswith("varlen.") and not varlen.supports_window(forced[7:]):
+            why = f"{forced} takes no sliding window in this install"
         return (None, why) if why else (forced, "forced by options")
     if isinstance(structure, General):
         return None, "no structure to exploit: the dense mask is kept"
-    if isinstance(structure, Causal) and structure.window is not None:
-        return None, "sliding-window masks are kept dense (no windowed kernel adapter yet)"
+    if window:
+        return _windowed_kernel(structure, batch, q_len, kv_len, device, dtype, head_dim)
     segs = structure.segments(q_len, kv_len)
     n = sum(batch if s.batch is None else 1 for s in segs) if isinstance(structure, Padding) else len(segs)
     ragged = any(s.causal and s.q1 - s.q0 != s.k1 - s.k0 for s in segs)  # bottom-right causal, not square
@@ -56,13 +129,16 @@ def candidates(structure: MaskStructure, batch: int, q_len: int, kv_len: int, de
                dtype: torch.dtype, head_dim: int, fill: str | None) -> list[str | None]:
     """Every kernel that computes this structure exactly here (None: the dense masked SDPA), for autotuning."""
     out: list[str | None] = [None]
-    ok = lambda k: capabilities.supports(k, device=device.type, dtype=dtype, head_dim=head_dim) is None  # noqa: E731
-    if not isinstance(structure, General) and not (isinstance(structure, Causal) and structure.window):
-        n = len(structure.segments(q_len, kv_len))
-        if n <= MAX_SPLIT:
+    window = window_of(structure) is not None
+    ok = lambda k: capabilities.supports(k, device=device.type, dtype=dtype, head_dim=head_dim,  # noqa: E731
+                                         window=window) is None
+    if not isinstance(structure, General):
+        segs = structure.segments(q_len, kv_len)
+        if len(band_blocks(segs)[0]) <= MAX_SPLIT:
             out.append("sdpa.split")
         out += [f"varlen.{i}" for i in varlen.implementations(device, dtype)
-                if i != "reference" and ok(f"varlen.{i}") and fill != "unmasked"]
+                if i != "reference" and ok(f"varlen.{i}") and fill != "unmasked"
+                and (not window or varlen.supports_window(i))]
     if fill in (None, "zero") and ok("flex") and hasattr(torch.nn.attention, "flex_attention"):
         out.append("flex")
     return out
@@ -85,7 +161,9 @@ class _Call:
         q, k, v = self.rows(self.q, s, s.q0, s.q1), self.rows(self.k, s, s.k0, s.k1), self.rows(self.v, s, s.k0, s.k1)
         lq, lk = s.q1 - s.q0, s.k1 - s.k0
         mask, is_causal = None, False
-        if s.causal and lq == lk:
+        if s.windowed():  # a block of a sliding window: its band
+            mask = s.band().to(q.device)
+        elif s.causal and lq == lk:
             is_causal = True
         elif s.causal:  # bottom-right with more keys than queries: SDPA's is_causal is top-left
             mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
@@ -125,6 +203,7 @@ def run(structure: MaskStructure, kernel: str, q, k, v, *, scale=None, enable_gq
             return fast
     segs = structure.segments(q.shape[-2], k.shape[-2])
     if kernel == "sdpa.split":
+        segs = band_blocks(segs)[0]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         dominant = None if needs_grad else _dominant(segs, q.shape[-2])  # SDPA's backward saves its output
         if dominant is not None:
@@ -187,6 +266,15 @@ def _varlen_zero_copy(structure: MaskStructure, c: _Call, impl: str) -> torch.Te
                                       max(structure.q_seqlens), max(structure.kv_seqlens), causal=structure.causal,
                                       scale=c.scale, impl=impl)
         return out.transpose(0, 1)[None]
+    segs = structure.segments(lq, lk) if window_of(structure) is not None else []
+    if len(segs) == 1 and segs[0].batch is None and (segs[0].q0, segs[0].q1, segs[0].k0, segs[0].k1) == (0, lq, 0, lk):
+        # a window over every row and key (HF's sliding layers without padding): batch row i is sequence i
+        pack = lambda t: t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3])  # noqa: E731
+        cu_q = torch.arange(0, (b + 1) * lq, lq, device=q.device, dtype=torch.int32)
+        cu_k = torch.arange(0, (b + 1) * lk, lk, device=q.device, dtype=torch.int32)
+        out = varlen.varlen_attention(pack(q), pack(k), pack(v), cu_q, cu_k, lq, lk, causal=True, scale=c.scale,
+                                      impl=impl, window=segs[0].window)
+        return out.view(b, lq, q.shape[1], v.shape[-1]).transpose(1, 2)
     if not varlen.supports_seqused_k(impl) and impl != "reference" and varlen.supports_seqused_k("aten.flash"):
         impl = "aten.flash"  # the same FlashAttention kernels, reached through the op that takes seqused_k
     if (isinstance(structure, Padding) and structure.side == "right" and all(structure.lengths)
@@ -208,15 +296,14 @@ def _cumsum(lengths, device) -> torch.Tensor:
 
 
 def _varlen_segments(c: _Call, segs: list[Segment], impl: str) -> dict[int, torch.Tensor]:
-    """Pack the segments as varlen sequences (one call per causal flag); outputs per segment, (…, H, rows, D)."""
+    """Pack the segments as varlen sequences (one call per causal flag and window); outputs per segment, (…, H,
+    rows, D)."""
     q, k, v = c.q, c.k, c.v
     if q.dim() != 4:
         raise ValueError("varlen kernels take (batch, heads, seq, dim) inputs")
     outs = {}
-    for causal in (False, True):
-        group = [s for s in segs if s.causal == causal]
-        if not group:
-            continue
+    for causal, window in sorted({(s.causal, s.window) for s in segs}, key=lambda cw: (cw[0], cw[1] or 0)):
+        group = [s for s in segs if (s.causal, s.window) == (causal, window)]
         q_parts, k_parts, v_parts, lq, lk, owners = [], [], [], [], [], []
         for s in group:
             for b in (range(q.shape[0]) if s.batch is None else (s.batch,)):
@@ -228,7 +315,7 @@ def _varlen_segments(c: _Call, segs: list[Segment], impl: str) -> dict[int, torc
                 owners.append(s)
         qp, kp, vp = (torch.cat(p, 0) if len(p) > 1 else p[0] for p in (q_parts, k_parts, v_parts))
         out = varlen.varlen_attention(qp, kp, vp, _cumsum(lq, q.device), _cumsum(lk, q.device), max(lq), max(lk),
-                                      causal=causal, scale=c.scale, impl=impl)
+                                      causal=causal, scale=c.scale, impl=impl, window=window)
         per_seg: dict[int, list] = {}
         for s, piece in zip(owners, out.split(lq, 0)):
             per_seg.setdefault(id(s), []).append(piece.transpose(0, 1).unsqueeze(0))

@@ -1,7 +1,8 @@
 """Adapter for FlexAttention: any dense mask, as a block-sparse mask derived from it.
 
 ``create_block_mask`` scans the mask once per distinct mask (the plan caches the result) and the kernel
-skips key blocks no query of a query block may attend. Used for masks without exploitable structure
+skips key blocks no query of a query block may attend. Causal masks — sliding windows and padded batches
+included — get their block mask from the structure's formula (``block_mask_for``), no dense mask read. Used for masks without exploitable structure
 (``General``), when forced or when ``autotune`` measures it faster than the dense masked SDPA. The
 kernel is compiled once per shape (torch.compile), as FlexAttention is meant to run. A query row with no
 allowed key gives 0 (FlexAttention's safe log-sum-exp), so flex is only used where the original gives 0.
@@ -13,6 +14,8 @@ import functools
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from attnfx.masks import Causal, MaskStructure, Padding
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,6 +33,31 @@ def block_mask(allowed: torch.Tensor, q_len: int, kv_len: int):
 
     return create_block_mask(mask_mod, B=dense.shape[0] if per_batch else None, H=None, Q_LEN=q_len, KV_LEN=kv_len,
                              device=allowed.device)
+
+
+def block_mask_for(structure: MaskStructure, q_len: int, kv_len: int, device):
+    """A BlockMask standing for ``structure``: from its formula where it has one (causal, windowed, padded: key j
+    for query i when j <= i + offset and, with a window w, j > i + offset - w, within the batch row's real keys),
+    else from its dense mask."""
+    if isinstance(structure, Causal):
+        lengths, side, align = None, None, structure.align
+    elif isinstance(structure, Padding) and structure.causal is not None:
+        lengths = torch.tensor(structure.lengths, device=device)
+        side, align = structure.side, structure.causal
+    else:
+        return block_mask(structure.materialize(q_len, kv_len, device), q_len, kv_len)
+    off, window = (0 if align == "top_left" else kv_len - q_len), structure.window
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = kv_idx <= q_idx + off
+        if window is not None:
+            ok = ok & (kv_idx > q_idx + off - window)
+        if lengths is not None:
+            ok = ok & ((kv_idx < lengths[b]) if side == "right" else (kv_idx >= kv_len - lengths[b]))
+        return ok
+
+    return create_block_mask(mask_mod, B=None if lengths is None else len(structure.lengths), H=None, Q_LEN=q_len,
+                             KV_LEN=kv_len, device=device)
 
 
 def attention(q, k, v, mask, *, scale=None, enable_gqa=False):

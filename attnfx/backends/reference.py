@@ -33,10 +33,16 @@ def attention(q, k, v, allowed=None, *, scale=None, fill: str = "zero"):
     return out.to(q.dtype)
 
 
-def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None, seqused_k=None):
+def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None, seqused_k=None, window_size=(-1, -1)):
     """Packed sequences (total, heads, d); sequence i is rows cu_q[i]:cu_q[i+1] against cu_k[i]:cu_k[i+1]
-    (only the first seqused_k[i] keys, if given); causal is bottom-right aligned, as FlashAttention's
-    varlen is — with seqused_k, aligned to the used keys (as measured on H200, torch 2.11)."""
+    (only the first seqused_k[i] keys, if given). FlashAttention's semantics: query row r of a sequence with
+    lq queries and n keys has its diagonal at key ``r + n - lq`` (bottom-right aligned — with seqused_k, to the
+    used keys, as measured on H200, torch 2.11); ``causal`` allows keys up to it, and ``window_size=(left,
+    right)`` only keys in ``[diagonal - left, diagonal + right]`` (-1: unbounded on that side; causal makes
+    right 0). So HF's ``sliding_window=w`` (j > i - w and j <= i) is ``causal, window_size=(w - 1, 0)``."""
+    left, right = window_size
+    if causal:
+        right = 0
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     cq, ck = cu_q.tolist(), cu_k.tolist()
     used = seqused_k.tolist() if seqused_k is not None else None
@@ -47,9 +53,12 @@ def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, scale=None, sequs
         if lq == 0:
             continue
         n = lk if used is None else used[i]
-        allowed = torch.zeros(lq, lk, dtype=torch.bool, device=q.device)
-        allowed[:, :n] = True
-        if causal:
-            allowed[:, :n] = allowed[:, :n].tril(n - lq)
+        key = torch.arange(lk, device=q.device)[None, :]
+        offset = key - (torch.arange(lq, device=q.device)[:, None] + n - lq)  # key index minus the diagonal
+        allowed = key < n
+        if right >= 0:
+            allowed = allowed & (offset <= right)
+        if left >= 0:
+            allowed = allowed & (offset >= -left)
         out[cq[i]:cq[i + 1]] = attention(qs, ks, vs, allowed, scale=scale).transpose(0, 1)
     return out

@@ -51,7 +51,13 @@ _FUNCTION_OPS: dict[Any, str] = {
     torch.div: "div",
     operator.add: "add",
     torch.add: "add",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    # in-place operators (``x += y``, ``x *= c``...): the same op, writing into x (``writes_in_place``)
     operator.iadd: "add",
+    operator.isub: "sub",
+    operator.imul: "mul",
+    operator.itruediv: "div",
     torch.where: "where",
     torch.masked_fill: "masked_fill",
     torch.tanh: "tanh",
@@ -66,11 +72,17 @@ _METHOD_ALIASES = {
     "__matmul__": "matmul",
     "masked_fill_": "masked_fill",
     "add_": "add",
+    "sub_": "sub",
     "mul_": "mul",
     "div_": "div",
     "__mul__": "mul",
     "__truediv__": "div",
     "__add__": "add",
+    "__sub__": "sub",
+    "__iadd__": "add",
+    "__isub__": "sub",
+    "__imul__": "mul",
+    "__itruediv__": "div",
 }
 
 
@@ -256,6 +268,44 @@ def writes_in_place(node: fx.Node) -> bool:
         return False
     name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", ""))
     return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+
+
+# ops that may return their operand itself (a cast to the dtype it has, dropout in eval, an in-place op's result)
+MAY_RETURN_INPUT = frozenset({"to", "float", "half", "bfloat16", "double", "type", "type_as", "dropout", "detach"})
+
+
+def _may_alias_input(node: fx.Node) -> bool:
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and (
+        aliases_input(node) or call_name(node) in MAY_RETURN_INPUT or writes_in_place(node))
+
+
+def memory_of(node: fx.Node) -> set[fx.Node]:
+    """Every node whose value may share memory with ``node``: from the node whose memory it is (through views,
+    casts that may return their input, in-place ops, which return their operand), everything viewing, casting
+    or writing in place from there. Writers that return nothing (``x[i] = y``) are users of a member."""
+    base = node
+    while _may_alias_input(base):
+        base = base.args[0]
+    members, frontier = {base}, [base]
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in members and _may_alias_input(user) and user.args[0] in members:
+                members.add(user)
+                frontier.append(user)
+    return members
+
+
+def precedes(a: fx.Node, b: fx.Node) -> bool:
+    """Whether ``a`` comes before ``b`` in their graph."""
+    try:
+        return bool(a < b)  # torch.fx keeps an order key on nodes
+    except TypeError:  # pragma: no cover - torch without ordered nodes: walk forward
+        n = a.next
+        while n.op != "root":
+            if n is b:
+                return True
+            n = n.next
+        return False
 
 
 def alias_root(node: fx.Node) -> fx.Node:

@@ -19,15 +19,21 @@ What it matches
 Why the rewrite is exact
     A structure is accepted only if materializing it reproduces the mask bit for bit (``torch.equal``).
     Its segments partition the (query row, allowed key) pairs: each segment is a query-row slice
-    attending a contiguous key range, entirely or causally, so the unmasked (or causal) kernel on that
-    slice computes exactly the masked softmax of those rows — keys outside the range had weight 0. Rows
-    with no allowed key get what the original kernel gives there (capability table ``no_key_rows``:
-    0, NaN, or the mean of v); when that is not reproducible the dense mask is kept.
+    attending a contiguous key range, entirely, causally, or within a causal sliding window (the
+    ``window`` keys ending at each row's diagonal), so the unmasked (causal, windowed) kernel on that
+    slice computes exactly the masked softmax of those rows — keys outside the range had weight 0. A
+    windowed segment split into blocks of rows keeps each row's diagonal and window, so each block over
+    its key band with that band as mask computes the same rows; FlashAttention's ``window_size=(w - 1,
+    0)`` is the same window (its window counts the keys before the diagonal). Rows with no allowed key
+    get what the original kernel gives there (capability table ``no_key_rows``: 0, NaN, or the mean of
+    v); when that is not reproducible the dense mask is kept.
 
 When it refuses (the masked SDPA stays)
     dropout_p > 0; a float mask with other values (an additive bias, e.g. ALiBi); a mask computed from
     random ops; a mask without usable structure, or one whose no-key rows the original kernel fills
-    with values no other kernel gives (cuDNN with a bool mask).
+    with values no other kernel gives (cuDNN with a bool mask); a sliding window where no windowed
+    varlen kernel runs and band blocks would compute most of the dense scores anyway, or that falls
+    into too many pieces (right padding with a wide window).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def decide(analysis: Analysis | None, no_key_rows: dict[str, str], batch: int, q
 
 
 def _flex_mask(analysis: Analysis, q_len: int, kv_len: int, device):
-    return flex.block_mask(analysis.structure.materialize(q_len, kv_len, device), q_len, kv_len)
+    return flex.block_mask_for(analysis.structure, q_len, kv_len, device)
 
 
 def _run(plan: Plan, q, k, v, mask, scale, enable_gqa):
