@@ -1,16 +1,19 @@
-"""The run-time caches under the conditions models are served in: inference mode (tensors without a version
-counter). Every output is compared with the original model's."""
+"""The run-time caches under the conditions models are served and fine-tuned in: inference mode (tensors without
+a version counter), weights edited in place (LoRA merges through ``.data``, ``load_state_dict``, optimizer
+steps). Every output is compared with the original model's."""
 
 import dit_loop as dit
 import hf_models
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import attnfx
 from attnfx.runtime import cache
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-CONFIGS = {"default": {}, "runtime_op": {"specialize": False}}
+CONFIGS = {"default": {}, "runtime_op": {"specialize": False}, "cache_all": {"cache_invariants": "all"}}
 
 
 def dit_model():
@@ -100,3 +103,114 @@ def test_inference_tensors_too_large_to_copy_are_not_stored(monkeypatch):
     for _ in range(3):
         c.get_or_compute("ns", [x], (), lambda: calls.append(1))
     assert len(calls) == 3 and len(c) == 0 and c.nbytes == 0
+
+
+# ------------------------------------------------------------------------------ weights edited in place
+
+
+class TextCross(nn.Module):
+    """Cross-attention to a text whose K/V projections read weights (the value invariant caching would hold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.tk, self.tv, self.o = nn.Linear(16, 16), nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 16)
+
+    def forward(self, x, text):
+        b = x.shape[0]
+        q = self.q(x).view(b, -1, 2, 8).transpose(1, 2)
+        k = self.tk(text).view(b, -1, 2, 8).transpose(1, 2)
+        v = self.tv(text).view(b, -1, 2, 8).transpose(1, 2)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def _weight(m):
+    return m.tk.weight if isinstance(m, TextCross) else m.blocks[0].cross_k.weight
+
+
+def _data_merge(m):  # PEFT's LoRA merge and unmerge: weight.data += delta, later -= delta
+    _weight(m).data += 0.5
+    yield
+    _weight(m).data -= 0.5
+    yield
+
+
+def _data_assign(m):
+    w = _weight(m)
+    w.data = w.data * 1.5
+    yield
+
+
+def _load_state_dict(m):
+    m.load_state_dict({k: v + 0.05 for k, v in m.state_dict().items()})
+    yield
+
+
+def _sgd_step(m, run):
+    sgd = torch.optim.SGD(m.parameters(), lr=0.5)
+    run().square().mean().backward()
+    sgd.step()
+    sgd.zero_grad(set_to_none=True)
+    yield
+
+
+def _no_grad_add(m):
+    with torch.no_grad():
+        _weight(m).add_(0.5)
+    yield
+
+
+EDITS = {"data_merge_unmerge": _data_merge, "data_assign": _data_assign, "load_state_dict": _load_state_dict,
+         "sgd_step": _sgd_step, "no_grad_add": _no_grad_add}
+THROUGH_DATA = {"data_merge_unmerge"}  # writes PyTorch does not count: the user clears the caches
+
+
+def _edits(name, m, run):
+    return EDITS[name](m, run) if name == "sgd_step" else EDITS[name](m)
+
+
+@pytest.mark.parametrize("cache_invariants", [True, "all"])
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_dit_loop_after_weights_are_edited(edit, cache_invariants):
+    m = dit_model()
+    opt = attnfx.optimize(m, compiler="eager", cache_invariants=cache_invariants)
+    latents, text, text_mask, img_ids = dit.inputs()
+    with torch.no_grad():
+        dit_steps(opt, m, latents, text, text_mask, img_ids, steps=6)  # invariants learned and cached
+    for _ in _edits(edit, m, lambda: m(latents, torch.full((2,), 0.5), text, text_mask, img_ids)):
+        if cache_invariants == "all" and edit in THROUGH_DATA:
+            attnfx.clear_caches()
+        with torch.no_grad():
+            dit_steps(opt, m, latents, text, text_mask, img_ids, steps=3)
+
+
+@pytest.mark.parametrize("cache_invariants", [True, "all"])
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_text_projection_after_weights_are_edited(edit, cache_invariants):
+    torch.manual_seed(0)
+    m = TextCross().eval()
+    opt = attnfx.optimize(m, compiler="eager", cache_invariants=cache_invariants)
+    x, text = torch.randn(2, 6, 16), torch.randn(2, 5, 8)
+
+    def check(calls):
+        with torch.no_grad():
+            for _ in range(calls):
+                torch.testing.assert_close(opt(x, text), m(x, text), **TOL)
+
+    check(6)
+    for _ in _edits(edit, m, lambda: m(x, text)):
+        if cache_invariants == "all" and edit in THROUGH_DATA:
+            attnfx.clear_caches()
+        check(2)
+    if cache_invariants == "all":
+        assert any("linear" in g.what for g in attnfx.report(opt).cached)
+    else:  # not cached, and the report says why
+        kept = attnfx.report(opt).to_dict()["not_cached"]  # the projections of x and of the text
+        assert kept and all("linear" in d["computes"] and "parameters" in d["why"] for d in kept)
+
+
+def test_cache_invariants_option_values():
+    for ok in (True, False, "all"):
+        attnfx.Options.from_mapping({"cache_invariants": ok}, pattern_names=())
+    for bad in ("yes", 1, None):
+        with pytest.raises(attnfx.OptionsError, match="cache_invariants"):
+            attnfx.Options.from_mapping({"cache_invariants": bad}, pattern_names=())

@@ -29,6 +29,7 @@ class Report:
         self.graphs = 0
         self.verified: bool | None = None
         self.cached: list = []  # attnfx.runtime.invariants.Group: values computed once per distinct input
+        self.not_cached: list = []  # groups kept uncut, each with why (values that read parameters)
 
     def add_graph(self, records: list[SiteRecord]) -> None:
         self.graphs += 1
@@ -69,6 +70,7 @@ class Report:
             "verified": self.verified,
             "sites": [s.to_dict() for s in self.sites],
             "cached": [g.describe() for g in self.cached],
+            "not_cached": [g.describe() for g in self.not_cached],
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -102,6 +104,11 @@ class Report:
                 d = g.describe()
                 out.append(f"  {d['computes']}  [{d['found']}; {d['ops_saved_per_hit']} ops saved per hit; "
                            f"computed {d['computed']}x, reused {d['hits']}x]")
+        if self.not_cached:
+            out += ["", f"not cached, computed every call ({len(self.not_cached)} group(s)):"]
+            for g in self.not_cached:
+                d = g.describe()
+                out.append(f"  {d['computes']}  [{d['found']}; {d['why']}]")
         return "\n".join(out)
 
     def __repr__(self) -> str:

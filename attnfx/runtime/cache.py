@@ -17,6 +17,7 @@ Only *real graph inputs* may be keys: Inductor reuses intermediate buffers witho
 
 Not visible to the key (documented limits): writes through ``.data`` or ``.detach()``-ed aliases that
 bypass version counting, and writes by foreign kernels (ctypes, custom CUDA code) into the memory.
+:func:`clear_caches` empties every cache after such writes.
 
 Used by the mask analysis (plans per distinct mask), the guards of specialized graphs and the per-step
 invariant caching.
@@ -24,6 +25,7 @@ invariant caching.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections import OrderedDict
@@ -34,6 +36,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 MAX_COPY_BYTES = 64 << 20  # per entry: copies of tensors without a version counter, at most this many bytes
+
+_generation = itertools.count(1)
+_GENERATION = [0]  # bumped by clear_caches(): shortcuts that remember a previous result check it
 
 
 def versioned(t: torch.Tensor) -> bool:
@@ -68,6 +73,11 @@ def same_contents(t: torch.Tensor, copy: torch.Tensor) -> bool:
     return torch.equal(_bits(t), _bits(copy))
 
 
+def generation() -> int:
+    """Changes with every :func:`clear_caches`: a shortcut remembering an earlier result must match it."""
+    return _GENERATION[0]
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -97,9 +107,17 @@ _ALL: "weakref.WeakSet[InputCache]" = weakref.WeakSet()
 
 def clear_all() -> None:
     """Empty every input cache of the process and reset its statistics."""
+    _GENERATION[0] = next(_generation)
     for cache in list(_ALL):
         cache.clear()
         cache.stats = CacheStats()
+
+
+def clear_caches() -> None:
+    """Forget every value attnfx computed from tensors at run time: mask plans, checks of specialized graphs,
+    cached invariants. Call it after writing weights or inputs in a way PyTorch does not count — through
+    ``.data`` (PEFT's LoRA merge, ``fuse_lora``) or by foreign kernels; values are recomputed on the next call."""
+    clear_all()
 
 
 class InputCache:

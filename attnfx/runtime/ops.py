@@ -33,7 +33,7 @@ from attnfx.backends import execute, flex, npu
 from attnfx.fx.sites import SiteRecord
 from attnfx.masks import Analysis, allowed_of, classify
 from attnfx.runtime import steps
-from attnfx.runtime.cache import InputCache, versioned
+from attnfx.runtime.cache import InputCache, generation, versioned
 
 log = logging.getLogger("attnfx")
 
@@ -190,7 +190,7 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
     shortcut = all(versioned(t) for t in key_tensors)
     if shortcut:
         signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(int(i) for i in key_ints),
-                     tuple((id(t), t._version) for t in key_tensors))
+                     tuple((id(t), t._version) for t in key_tensors), generation())
         if rt.last is not None and rt.last[0] == signature and all(r() is t for r, t in zip(rt.last[2], key_tensors)):
             return rt.last[1]
     namespace = (*rt.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
