@@ -1,6 +1,9 @@
 """The run-time caches under the conditions models are served and fine-tuned in: inference mode (tensors without
 a version counter), weights edited in place (LoRA merges through ``.data``, ``load_state_dict``, optimizer
-steps). Every output is compared with the original model's."""
+steps), long runs with fresh masks (memory bounded in bytes), many optimize/delete cycles. Every output is
+compared with the original model's."""
+
+import gc
 
 import dit_loop as dit
 import hf_models
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnfx
-from attnfx.runtime import cache
+from attnfx.runtime import cache, ops
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 CONFIGS = {"default": {}, "runtime_op": {"specialize": False}, "cache_all": {"cache_invariants": "all"}}
@@ -214,3 +217,101 @@ def test_cache_invariants_option_values():
     for bad in ("yes", 1, None):
         with pytest.raises(attnfx.OptionsError, match="cache_invariants"):
             attnfx.Options.from_mapping({"cache_invariants": bad}, pattern_names=())
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _per_head_mask(seed: int, kv_len: int = 16384) -> torch.Tensor:
+    """A fresh bool mask whose heads differ (a general mask, the quickest to classify): 2 MiB by default."""
+    mask = torch.ones(1, 2, 64, kv_len, dtype=torch.bool)
+    mask[0, 1, seed % 64, : 1 + seed % 100] = False
+    return mask
+
+
+def _attn(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _qkv(kv_len):
+    return torch.randn(1, 2, 64, 8), torch.randn(1, 2, kv_len, 8), torch.randn(1, 2, kv_len, 8)
+
+
+def test_fresh_masks_through_the_run_time_op_keep_memory_bounded():
+    """300 calls, each with a new 2 MiB mask: the plans held stay under their byte bound and the process's
+    memory does not grow with the calls (a general mask run densely holds no copy of the mask)."""
+    q, k, v = _qkv(16384)
+    opt = attnfx.optimize(_attn, compiler="eager", specialize=False)
+    with torch.no_grad():
+        for i in range(300):
+            mask = _per_head_mask(i)
+            out = opt(q, k, v, mask)
+            if i % 60 == 0:
+                torch.testing.assert_close(out, _attn(q, k, v, mask), **TOL)
+            if i == 20:
+                start = _rss()
+            del mask, out
+        grown = _rss() - start
+    assert ops.PLANS.nbytes <= ops.PLANS.max_bytes
+    assert grown < 96 << 20, f"RSS grew by {grown >> 20} MiB over 280 calls with fresh 2 MiB masks"
+
+
+def test_plans_holding_masks_are_bounded_in_bytes(monkeypatch):
+    """With a kernel that keeps the classified mask (the reference kernel on a general mask) every plan holds
+    256 KiB: the cache keeps the sum of what its plans hold under its byte bound."""
+    monkeypatch.setattr(ops.PLANS, "max_bytes", 2 << 20)
+    q, k, v = _qkv(2048)
+    opt = attnfx.optimize(_attn, compiler="eager", specialize=False, kernel="reference")
+    masks = []
+    with torch.no_grad():
+        for i in range(40):
+            masks.append(_per_head_mask(i, 2048))  # kept alive: only the byte bound can drop their plans
+            torch.testing.assert_close(opt(q, k, v, masks[-1]), _attn(q, k, v, masks[-1]), **TOL)
+    held = [e.value for e in ops.PLANS._entries.values()]
+    assert all(p.nbytes == 256 << 10 for p in held)
+    assert sum(p.nbytes for p in held) == ops.PLANS.nbytes <= 2 << 20
+    assert len(held) == 8 and ops.PLANS.stats.evictions == 32
+
+
+def test_a_value_larger_than_the_byte_bound_is_not_stored():
+    c = cache.InputCache(max_bytes=100)
+    x = torch.ones(4)
+    for _ in range(2):
+        c.get_or_compute("ns", [x], (), lambda: torch.zeros(1000), nbytes=lambda v: v.numel() * 4)
+    assert len(c) == 0 and c.nbytes == 0 and c.stats.not_stored == 2
+
+
+def test_optimize_and_delete_cycles_free_the_run_time_state():
+    """The per-site state of the run-time op lives as long as the compiled graph: none is left after the
+    models are deleted and Dynamo is reset."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x, mask):
+            q = self.proj(x).view(2, 10, 2, 8).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+    x = torch.randn(2, 10, 16)
+    mask = torch.ones(2, 1, 10, 10, dtype=torch.bool)
+    mask[1, ..., 7:] = False
+    gc.collect()
+    start = len(ops.SITES)
+    for i in range(100):
+        model = Model()
+        opt = attnfx.optimize(model, compiler="eager", specialize=False)
+        with torch.no_grad():
+            opt(x, mask)
+        assert len(ops.SITES) > start
+        del opt, model
+        torch._dynamo.reset()
+        if i % 10 == 9:
+            gc.collect()
+            assert len(ops.SITES) == start, f"cycle {i}: {len(ops.SITES) - start} site states left"

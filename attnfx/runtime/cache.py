@@ -19,6 +19,9 @@ Not visible to the key (documented limits): writes through ``.data`` or ``.detac
 bypass version counting, and writes by foreign kernels (ctypes, custom CUDA code) into the memory.
 :func:`clear_caches` empties every cache after such writes.
 
+Every cache is bounded in entries and in bytes (values as their ``nbytes`` says, plus the copies); a value
+larger than the byte bound is computed and not stored.
+
 Used by the mask analysis (plans per distinct mask), the guards of specialized graphs and the per-step
 invariant caching.
 """
@@ -85,7 +88,7 @@ class CacheStats:
     evictions: int = 0
     stale: int = 0
     changed: int = 0  # an unversioned input whose contents differ from the entry's copy
-    not_stored: int = 0  # values computed and not stored: their copies would be too large
+    not_stored: int = 0  # values computed and not stored: too large, or copies too large
 
 
 @dataclass
@@ -123,7 +126,7 @@ def clear_caches() -> None:
 class InputCache:
     """An LRU map from (namespace, graph-input identities, ints) to a computed value, bounded in entries and bytes."""
 
-    def __init__(self, max_entries: int = 256, max_bytes: int | None = None):
+    def __init__(self, max_entries: int = 256, max_bytes: int = 256 << 20):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._lock = threading.Lock()
@@ -141,7 +144,7 @@ class InputCache:
 
     def get_or_compute(self, namespace: Hashable, tensors: Sequence[torch.Tensor], ints: Sequence[Any],
                        compute: Callable[[], Any], nbytes: Callable[[Any], int] | None = None) -> Any:
-        """The value for these inputs: the stored one, or ``compute()`` (stored unless its copies are too large)."""
+        """The value for these inputs: the stored one, or ``compute()`` (stored if it fits the bounds)."""
         key, refs = self.key(namespace, tensors, ints)
         with self._lock:
             entry = self._entries.get(key)
@@ -167,7 +170,7 @@ class InputCache:
         size = copy_bytes + (nbytes(value) if nbytes else 0)
         with self._lock:
             self.stats.misses += 1
-            if not store:
+            if not store or size > self.max_bytes:
                 self.stats.not_stored += 1
                 return value
             if key in self._entries:  # another thread stored it meanwhile, or its copies no longer match
@@ -185,8 +188,7 @@ class InputCache:
         for key in [k for k, e in self._entries.items() if not e.alive()]:
             self._drop(key)
             self.stats.stale += 1
-        while len(self._entries) > self.max_entries or (
-                self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._entries) > 1):
+        while self._entries and (len(self._entries) > self.max_entries or self.nbytes > self.max_bytes):
             self._drop(next(iter(self._entries)))
             self.stats.evictions += 1
 

@@ -26,7 +26,8 @@ from attnfx.runtime.cache import InputCache
 
 log = logging.getLogger("attnfx")
 
-CHECKS = InputCache(max_entries=1024)
+CHECKS = InputCache(max_entries=1024, max_bytes=256 << 20)  # results are bools; bytes are copies of
+# inference-mode inputs (see attnfx.runtime.cache)
 STOP_CHECKING_AFTER = 4  # new values in a row after which the checks stop and the general graph runs
 _uids = itertools.count()
 

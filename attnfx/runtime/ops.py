@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -31,13 +32,13 @@ import torch.nn.functional as F
 
 from attnfx.backends import execute, flex, npu
 from attnfx.fx.sites import SiteRecord
-from attnfx.masks import Analysis, allowed_of, classify
+from attnfx.masks import Analysis, General, allowed_of, classify
 from attnfx.runtime import steps
-from attnfx.runtime.cache import InputCache, generation, versioned
+from attnfx.runtime.cache import InputCache, generation, tensor_bytes, versioned
 
 log = logging.getLogger("attnfx")
 
-PLANS = InputCache(max_entries=256)
+PLANS = InputCache(max_entries=256, max_bytes=256 << 20)
 
 
 @dataclass
@@ -47,6 +48,13 @@ class Plan:
     fill: str | None
     why: str
     block_mask: Any = None  # for the flex kernel: derived from the mask once
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the plan holds: a general mask kept for its kernel, the flex block mask."""
+        structure = self.analysis.structure if self.analysis is not None else None
+        held = tensor_bytes(structure.dense) if isinstance(structure, General) and structure.dense is not None else 0
+        return held + (flex.nbytes(self.block_mask) if self.block_mask is not None else 0)
 
 
 @dataclass
@@ -183,6 +191,9 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
             plan = _autotune(plan, q, k, v, mask, scale, enable_gqa)
         if plan.kernel == "flex" and plan.block_mask is None:
             plan.block_mask = _flex_mask(analysis, q_len, kv_len, q.device)
+        if plan.kernel is None and isinstance(analysis.structure, General):
+            # the dense SDPA reads the mask passed in: holding the classified copy would only keep memory
+            plan.analysis = dataclasses.replace(analysis, structure=General())
         return plan
 
     # the same tensor objects at the same _version as on the previous call: the same plan, no key to build.
@@ -194,7 +205,7 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
         if rt.last is not None and rt.last[0] == signature and all(r() is t for r, t in zip(rt.last[2], key_tensors)):
             return rt.last[1]
     namespace = (*rt.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-    plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse)
+    plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse, nbytes=lambda p: p.nbytes)
     if shortcut:
         rt.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
     return plan
@@ -303,13 +314,17 @@ class NpuSite:
 
 
 def _npu_structure(site_id: int, q, k, mask, key_tensors, key_ints):
-    """The mask's structure, analysed once per distinct mask (the plan cache), if it has no empty rows."""
+    """The mask's structure, analysed once per distinct mask (the plan cache), if it has no empty rows (a
+    general mask is passed dense: its classified copy is not kept)."""
     batch = q.shape[0]
-    analysis = PLANS.get_or_compute(("npu", site_id, tuple(q.shape), tuple(k.shape)), key_tensors, key_ints,
-                                    lambda: classify(mask, batch, q.shape[1], q.shape[2], k.shape[2]))
-    if analysis is None or analysis.empty_rows:
-        return None
-    return analysis.structure
+
+    def analyse():
+        analysis = classify(mask, batch, q.shape[1], q.shape[2], k.shape[2])
+        if analysis is None or analysis.empty_rows:
+            return None
+        return General() if isinstance(analysis.structure, General) else analysis.structure
+
+    return PLANS.get_or_compute(("npu", site_id, tuple(q.shape), tuple(k.shape)), key_tensors, key_ints, analyse)
 
 
 @torch.library.custom_op("attnfx::npu_attention", mutates_args=())
