@@ -1,15 +1,19 @@
 """The run-time caches under the conditions models are served and fine-tuned in: inference mode (tensors without
 a version counter), weights edited in place (LoRA merges through ``.data``, ``load_state_dict``, optimizer
-steps), long runs with fresh masks (memory bounded in bytes), many optimize/delete cycles. Every output is
-compared with the original model's."""
+steps), long runs with fresh masks (memory bounded in bytes), many optimize/delete cycles, and concurrent
+calls from threads. Every output is compared with the original model's."""
 
 import gc
+import random
+import sys
+import threading
 
 import dit_loop as dit
 import hf_models
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import repeat_kv
 from torch import nn
 
 import attnfx
@@ -315,3 +319,96 @@ def test_optimize_and_delete_cycles_free_the_run_time_state():
         if i % 10 == 9:
             gc.collect()
             assert len(ops.SITES) == start, f"cycle {i}: {len(ops.SITES) - start} site states left"
+
+
+# ------------------------------------------------------------------------------ threads
+
+
+CALLS = 1000  # per thread
+
+
+def _four_masks(batch, length):
+    masks = []
+    for i in range(4):
+        m = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+        for b, n in enumerate((length - i, length - 2 * i - 1)):
+            m[b, :, :, :n] = True
+        masks.append(m)
+    return masks
+
+
+@pytest.mark.parametrize("specialize", [False, True])
+def test_concurrent_calls_give_every_call_its_own_answer(specialize):
+    """8 threads call one optimized model with 4 masks of one shape: no call may get another mask's plan."""
+
+    def attn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask)
+
+    q, k, v = torch.randn(2, 4, 16, 16), torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    masks = _four_masks(2, 16)
+    expected = [attn(q, k, v, m) for m in masks]
+    opt = attnfx.optimize(attn, compiler="eager", specialize=specialize)
+    with torch.no_grad():
+        opt(q, k, v, masks[0])
+    wrong, errors = [], []
+
+    def work(seed):
+        rng = random.Random(seed)
+        try:
+            with torch.no_grad():
+                for _ in range(CALLS):
+                    i = rng.randrange(4)
+                    if not torch.allclose(opt(q, k, v, masks[i]), expected[i], **TOL):
+                        wrong.append(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up in a short run
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    assert not wrong, f"{len(wrong)} of {8 * CALLS} calls got another mask's output"
+
+
+def test_concurrent_dit_loops_with_cached_invariants():
+    """Threads denoising with different prompts through one optimized DiT, caching every invariant."""
+    m = dit_model()
+    opt = attnfx.optimize(m, compiler="eager", cache_invariants="all")
+    latents, _, text_mask, img_ids = dit.inputs()
+    texts = [torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        expected = [m(latents, t, text, text_mask, img_ids) for text in texts]
+        opt(latents, t, texts[0], text_mask, img_ids)
+    wrong, errors = [], []
+
+    def work(seed):
+        rng = random.Random(seed)
+        try:
+            with torch.no_grad():
+                for _ in range(40):
+                    i = rng.randrange(4) if seed % 2 else seed % 4  # some threads keep their prompt
+                    if not torch.allclose(opt(latents, t, texts[i], text_mask, img_ids), expected[i], **TOL):
+                        wrong.append(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    assert not wrong, f"{len(wrong)} of 240 calls differ from the original"

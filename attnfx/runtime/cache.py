@@ -20,7 +20,8 @@ bypass version counting, and writes by foreign kernels (ctypes, custom CUDA code
 :func:`clear_caches` empties every cache after such writes.
 
 Every cache is bounded in entries and in bytes (values as their ``nbytes`` says, plus the copies); a value
-larger than the byte bound is computed and not stored.
+larger than the byte bound is computed and not stored. Safe under concurrent calls: one lock per cache
+guards its map, values are computed outside it (two threads missing the same key both compute it).
 
 Used by the mask analysis (plans per distinct mask), the guards of specialized graphs and the per-step
 invariant caching.

@@ -35,6 +35,9 @@ or in-place writes, views of inputs (nothing to save). While gradients are recor
 inputs it is computed, not cached. A cut value equals what the uncut graph computes: the same ops on the
 same inputs (bit-identical with the eager inner compiler; with Inductor, up to its fusion rounding). Not
 visible to the keys: writes through ``.data`` and by foreign kernels.
+
+Concurrent calls: learning is done by one call (under a lock), the others run the compile-time split
+meanwhile; a group's counters are updated under its lock and only decide whether to keep caching.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import copy
 import itertools
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -53,7 +57,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from attnfx.fx.graph import call_name, fake, mutated_inputs, numel_hint
 from attnfx.fx.static import closure, replays_differently
-from attnfx.runtime.cache import InputCache, tensor_key
+from attnfx.runtime.cache import InputCache, tensor_bytes, tensor_key
 
 log = logging.getLogger("attnfx")
 
@@ -86,6 +90,7 @@ class Group:
     computed: int = 0
     hits: int = 0
     misses_in_a_row: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def varying(self) -> bool:
@@ -241,15 +246,21 @@ def _values(g: Group, inputs: list) -> tuple:
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     if g.varying or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return _compute(g, inputs)
-    before = g.computed
+    computed = False
+
+    def compute() -> tuple:
+        nonlocal computed
+        computed = True
+        return _compute(g, inputs)
+
     vals = INVARIANTS.get_or_compute(g.uid, tensors, [i for i in inputs if not isinstance(i, torch.Tensor)],
-                                     lambda: _compute(g, inputs),
-                                     nbytes=lambda vs: sum(v.numel() * v.element_size() for v in vs))
-    if g.computed == before:
-        g.hits += 1
-        g.misses_in_a_row = 0
-    else:
-        g.misses_in_a_row += 1
+                                     compute, nbytes=lambda vs: sum(tensor_bytes(v) for v in vs))
+    with g.lock:
+        if computed:
+            g.misses_in_a_row += 1
+        else:
+            g.hits += 1
+            g.misses_in_a_row = 0
     return vals
 
 
@@ -258,7 +269,8 @@ def _data_dependent_sizes(gm: fx.GraphModule) -> bool:
 
 
 def _compute(g: Group, inputs: list) -> tuple:
-    g.computed += 1
+    with g.lock:
+        g.computed += 1
     return tuple(g.prefix(*inputs))
 
 
@@ -288,6 +300,7 @@ class InvariantCaching:
                      for i in self.deps.deps[n] & self.deps.tensor_inputs}
         self.learning = static and bool(learnable)
         self.seen: list[dict[int, tuple]] = []
+        self.lock = threading.Lock()
 
     def _report_uncut(self, groups: list[Group]) -> None:
         known = {c for g in self.report_uncut for c in g.cuts}
@@ -307,16 +320,21 @@ class InvariantCaching:
     def __call__(self, *args):
         if self.learning:
             self._learn(args)
-        elif self.current is not self.base and any(g.varying for g in self.current.groups):
+        current = self.current  # read once: learning or another call may replace it
+        if current is not self.base and any(g.varying for g in current.groups):
             log.info("attnfx: an input taken as stable changes at every call; back to the compile-time split")
-            self.current = self.base
-        return self.current(args)
+            self.current = current = self.base
+        return current(args)
 
     def _learn(self, args) -> None:
-        self.seen.append({i: tensor_key(args[i])[0] for i in self.deps.tensor_inputs - self.deps.params})
-        if len(self.seen) < self.LEARN_CALLS:
-            return
-        self.learning = False
+        seen = {i: tensor_key(args[i])[0] for i in self.deps.tensor_inputs - self.deps.params}
+        with self.lock:  # one call decides and compiles; the others run the compile-time split meanwhile
+            if not self.learning:
+                return
+            self.seen.append(seen)
+            if len(self.seen) < self.LEARN_CALLS:
+                return
+            self.learning = False
         # stable: the same tensor each call, or a few alternating ones (CFG branches called one by one)
         stable = {i for i in self.seen[0] if len({s[i] for s in self.seen}) <= self.LEARN_CALLS // 2}
         stable |= self.deps.params

@@ -12,6 +12,10 @@ online FP8, the mask analysed once per distinct mask.
 
 Per-site state lives in :data:`SITES`, which holds it weakly: the compiled graph keeps it alive (the
 ``keepalive`` list the backend attaches to what it returns), so it goes when the graph goes.
+
+Concurrent calls: shared state is read once into locals (``rt.last``, a plan's kernel) and replaced whole,
+never edited field by field where another call could read it half-written; plans are immutable once
+stored, except that a flex plan falling back to the dense SDPA switches its ``kernel`` (one write).
 """
 
 from __future__ import annotations
@@ -67,7 +71,9 @@ class SiteRuntime:
     autotune: bool = False
     on_plan: Callable[[Plan], None] | None = None  # reports each new plan
     reported: tuple | None = None  # (plan, its kernel and why) last reported; the plan held, not an id()
-    last: tuple | None = None  # (signature, plan) of the previous call: the common case, checked first
+    # (signature, plan, weak refs to the key tensors) of the previous call: the common case, checked first;
+    # replaced whole, read once
+    last: tuple | None = None
 
 
 class _Registry:
@@ -125,18 +131,19 @@ def _flex_mask(analysis: Analysis, q_len: int, kv_len: int, device):
 
 def _run(plan: Plan, q, k, v, mask, scale, enable_gqa):
     kw = {"enable_gqa": True} if enable_gqa else {}
-    if plan.kernel is None:
+    kernel = plan.kernel  # read once: another call may switch a failing flex plan to the dense SDPA
+    if kernel is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
-    if plan.kernel == "flex":
+    if kernel == "flex":
         try:
             return flex.attention(q, k, v, plan.block_mask, scale=scale, enable_gqa=enable_gqa)
         except Exception as e:  # e.g. Inductor cannot lower it for this shape: the dense mask, exactly
             log.warning("attnfx: FlexAttention failed for this mask (%s: %s); using the dense masked SDPA",
                         type(e).__name__, str(e).splitlines()[0][:120])
-            plan.kernel, plan.block_mask = None, None
             plan.why = f"flex failed here ({type(e).__name__}); the dense masked SDPA is used"
+            plan.kernel = None  # the block mask stays: a call that read "flex" before this line still needs it
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
-    return execute.run(plan.analysis.structure, plan.kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
+    return execute.run(plan.analysis.structure, kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
                        fill=plan.fill or "zero")
 
 
@@ -202,8 +209,9 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
     if shortcut:
         signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(int(i) for i in key_ints),
                      tuple((id(t), t._version) for t in key_tensors), generation())
-        if rt.last is not None and rt.last[0] == signature and all(r() is t for r, t in zip(rt.last[2], key_tensors)):
-            return rt.last[1]
+        last = rt.last  # read once: other threads replace it
+        if last is not None and last[0] == signature and all(r() is t for r, t in zip(last[2], key_tensors)):
+            return last[1]
     namespace = (*rt.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse, nbytes=lambda p: p.nbytes)
     if shortcut:
@@ -214,7 +222,8 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
 def _report(rt: SiteRuntime, plan: Plan) -> None:
     """Tell the site's record about a new plan, or a plan whose kernel changed (a run-time fallback)."""
     now = (plan, plan.kernel, plan.why)
-    if rt.on_plan is not None and (rt.reported is None or any(a is not b for a, b in zip(rt.reported, now))):
+    reported = rt.reported
+    if rt.on_plan is not None and (reported is None or any(a is not b for a, b in zip(reported, now))):
         rt.reported = now
         rt.on_plan(plan)
 
