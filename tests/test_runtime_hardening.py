@@ -282,6 +282,17 @@ def test_plans_holding_masks_are_bounded_in_bytes(monkeypatch):
     assert len(held) == 8 and ops.PLANS.stats.evictions == 32
 
 
+def test_an_additive_bias_through_the_run_time_op():
+    """A float mask with other values than 0 and -inf is a bias: its plan runs the dense SDPA and holds nothing."""
+    q, k, v = _qkv(32)
+    bias = torch.randn(1, 1, 64, 32)
+    opt = attnfx.optimize(_attn, compiler="eager", specialize=False)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(opt(q, k, v, bias), _attn(q, k, v, bias), **TOL)
+    assert ops.PLANS.nbytes == 0 and len(ops.PLANS) == 1
+
+
 def test_a_value_larger_than_the_byte_bound_is_not_stored():
     c = cache.InputCache(max_bytes=100)
     x = torch.ones(4)

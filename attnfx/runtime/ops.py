@@ -198,7 +198,7 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
             plan = _autotune(plan, q, k, v, mask, scale, enable_gqa)
         if plan.kernel == "flex" and plan.block_mask is None:
             plan.block_mask = _flex_mask(analysis, q_len, kv_len, q.device)
-        if plan.kernel is None and isinstance(analysis.structure, General):
+        if plan.kernel is None and analysis is not None and isinstance(analysis.structure, General):
             # the dense SDPA reads the mask passed in: holding the classified copy would only keep memory
             plan.analysis = dataclasses.replace(analysis, structure=General())
         return plan
