@@ -12,9 +12,10 @@ from attnfx.rewriter.backend import Backend, attnfx_backend
 from attnfx.rewriter.optimize import optimize, report
 from attnfx.rewriter.report import Report
 from attnfx.rewriter.verify import VerificationError
+from attnfx.runtime.cache import clear_caches
 from attnfx.runtime.steps import denoise_step, reset_steps
 
 __all__ = [
     "Backend", "Options", "OptionsError", "Report", "SiteRecord", "VerificationError",
-    "attnfx_backend", "denoise_step", "optimize", "report", "reset_steps", "__version__",
+    "attnfx_backend", "clear_caches", "denoise_step", "optimize", "report", "reset_steps", "__version__",
 ]

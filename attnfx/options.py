@@ -75,7 +75,9 @@ class Options:
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
     kernel: str | None = None  # force the kernel of structured (mask_structure) sites, e.g. "varlen.reference"
     autotune: bool = False  # time the exact kernels for each distinct mask once, keep the fastest
-    cache_invariants: bool = True  # compute once what every call recomputes from unchanged inputs
+    # compute once what every call recomputes from unchanged inputs; True: values reading nn.Parameters are
+    # computed every call (weights edited through .data cannot be seen); "all": those too (see clear_caches)
+    cache_invariants: bool | str = True
     specialize: bool = True  # specialize on masks / index sets passed in, checked once per distinct tensor
     npu: bool = False  # run SDPA sites on Ascend's fused infer attention (needs torch_npu)
     npu_fp8: bool = False  # ... with online FP8 (implies npu)
@@ -167,6 +169,13 @@ def _check_selector(name: str, value: Any) -> str:
     return value or ""
 
 
+def _check_cache_invariants(name: str, value: Any) -> bool | str:
+    if not isinstance(value, bool) and value != "all":
+        raise OptionsError(f"cache_invariants must be True, False or 'all' (also values that read parameters), "
+                           f"not {value!r}")
+    return value
+
+
 def _check_kernel(name: str, value: Any) -> str | None:
     structured = capabilities.structured_kernels()
     if value is not None and value not in structured:
@@ -191,6 +200,7 @@ def _check_inductor_config(name: str, value: Any) -> dict:
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "compiler": _check_compiler, "mode": _check_mode, "skip_steps": _check_selector, "skip_layers": _check_selector,
     "kernel": _check_kernel, "inductor_config": _check_inductor_config, "patterns": lambda name, v: v,
+    "cache_invariants": _check_cache_invariants,
 }
 _TYPE_CHECKS: dict[Any, Callable[[str, Any], Any]] = {bool: _check_bool, typing.Optional[float]: _check_tolerance}
 

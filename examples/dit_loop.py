@@ -8,7 +8,9 @@ model rebuilds the RoPE tables from position ids, embeds the text (context embed
 cross-attention K and V, converts the text padding mask into an SDPA mask, builds the guidance embedding
 from ``torch.tensor(g) * 1000`` and pads with ``zeros_like``. Only latents and timestep change. attnfx
 finds those values (no hint), computes them once per distinct input and feeds them to the compiled rest;
-outputs are bit-identical to the original loop (with the eager inner compiler).
+outputs are bit-identical to the original loop (with the eager inner compiler). Values that read weights
+(the text projections, the guidance MLP) are recomputed every step unless ``cache_invariants="all"``:
+weights edited through ``.data`` (a LoRA merge) could not be seen.
 """
 
 from __future__ import annotations

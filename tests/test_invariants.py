@@ -21,7 +21,7 @@ def groups(opt):
 
 def test_twenty_steps_bit_identical_and_each_invariant_computed_once():
     m = model()
-    cached = attnfx.optimize(m, compiler="eager")
+    cached = attnfx.optimize(m, compiler="eager", cache_invariants="all")
     uncached = attnfx.optimize(m, compiler="eager", cache_invariants=False)
     with torch.no_grad():
         a = dit.denoise(cached, *dit.inputs(), steps=20)
@@ -41,7 +41,7 @@ def test_twenty_steps_bit_identical_and_each_invariant_computed_once():
 
 def test_recomputed_when_the_text_changes_or_is_edited_in_place():
     m = model()
-    opt = attnfx.optimize(m, compiler="eager")
+    opt = attnfx.optimize(m, compiler="eager", cache_invariants="all")  # the text projections read weights
     latents, text, text_mask, img_ids = dit.inputs()
     with torch.no_grad():
         dit.denoise(opt, latents, text, text_mask, img_ids, steps=6)
@@ -59,7 +59,7 @@ def test_recomputed_when_the_text_changes_or_is_edited_in_place():
 
 def test_cfg_branches_called_one_by_one():
     m = model()
-    opt = attnfx.optimize(m, compiler="eager")
+    opt = attnfx.optimize(m, compiler="eager", cache_invariants="all")
     latents, text, text_mask, img_ids = dit.inputs()
     empty = torch.zeros_like(text)
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_cfg_branches_called_one_by_one():
 
 def test_an_input_taken_as_stable_that_starts_changing():
     m = model()
-    opt = attnfx.optimize(m, compiler="eager")
+    opt = attnfx.optimize(m, compiler="eager", cache_invariants="all")
     latents, text, text_mask, img_ids = dit.inputs()
     with torch.no_grad():
         dit.denoise(opt, latents, text, text_mask, img_ids, steps=5)
@@ -102,7 +102,7 @@ def test_dynamic_shapes_keep_the_compile_time_groups():
 
 def test_training_computes_instead_of_caching():
     m = model().train()
-    opt = attnfx.optimize(m, compiler="eager")
+    opt = attnfx.optimize(m, compiler="eager", cache_invariants="all")
     latents, text, text_mask, img_ids = dit.inputs()
     t = torch.full((2,), 0.5)
     for _ in range(5):
@@ -119,6 +119,25 @@ def test_training_computes_instead_of_caching():
     assert all(g.hits == 0 for g in trainable)
 
 
+def test_values_reading_parameters_are_computed_every_call_by_default():
+    """Weights edited through .data (a LoRA merge) cannot be seen by the keys: by default what reads an
+    nn.Parameter is not cached, and the report says so; the parameter-free part before it still is."""
+    m = model()
+    cached = attnfx.optimize(m, compiler="eager")
+    uncached = attnfx.optimize(m, compiler="eager", cache_invariants=False)
+    with torch.no_grad():
+        a = dit.denoise(cached, *dit.inputs(), steps=8)
+        b = dit.denoise(uncached, *dit.inputs(), steps=8)
+    assert torch.equal(a, b)
+    rep = attnfx.report(cached)
+    assert rep.cached and all("linear" not in g.what for g in rep.cached)
+    assert all(g.computed == 1 for g in rep.cached)
+    kept = rep.to_dict()["not_cached"]
+    assert {d["found"] for d in kept} == {"compile time", "learned at run time"}
+    assert all("linear" in d["computes"] and "parameters" in d["why"] for d in kept)
+    assert "not cached, computed every call" in str(rep)
+
+
 def test_switched_off():
     m = model()
     opt = attnfx.optimize(m, compiler="eager", cache_invariants=False)
@@ -130,7 +149,7 @@ def test_switched_off():
 @pytest.mark.inductor
 def test_inductor_takes_the_cached_values_as_inputs():
     m = model()
-    opt = attnfx.optimize(m)
+    opt = attnfx.optimize(m, cache_invariants="all")
     with torch.no_grad():
         a = dit.denoise(opt, *dit.inputs(), steps=8)
         e = dit.denoise(m, *dit.inputs(), steps=8)
@@ -153,7 +172,7 @@ def test_diffusers_flux_transformer_loop():
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
                           -1).reshape(-1, 3)
     guidance = torch.full((1,), 3.5)
-    cached = attnfx.optimize(model, compiler="eager")
+    cached = attnfx.optimize(model, compiler="eager", cache_invariants="all")
     uncached = attnfx.optimize(model, compiler="eager", cache_invariants=False)
 
     def loop(m):

@@ -60,6 +60,18 @@ def block_mask_for(structure: MaskStructure, q_len: int, kv_len: int, device):
                              KV_LEN=kv_len, device=device)
 
 
+def nbytes(mask) -> int:
+    """Memory a BlockMask holds: its block tables and the dense mask its ``mask_mod`` reads."""
+    held = list(getattr(mask, "__dict__", {}).values())
+    held += [c.cell_contents for c in (getattr(mask.mask_mod, "__closure__", None) or ())]
+    seen, total = set(), 0
+    for t in held:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
 def attention(q, k, v, mask, *, scale=None, enable_gqa=False):
     """softmax(q kᵀ·scale, masked to the BlockMask ``mask``) v."""
     fn = _compiled() if q.device.type == "cuda" else flex_attention

@@ -183,7 +183,7 @@ class Backend:
                 log.warning("attnfx: internal error while rewriting graph %d without run-time specialization; "
                             "that variant runs as captured", index, exc_info=True)
                 general = like_dynamo_graph(fx.GraphModule(gm, copy.deepcopy(captured)), gm, sources)
-            general_compiled = self._compile(general, example_inputs, report_groups=[])  # groups reported once
+            general_compiled = self._compile(general, example_inputs, report=False)  # groups reported once
             for site in sites:
                 mine = [g.stats for g in guards if any(r is site.record for r in g.sites)]
                 if mine:
@@ -191,10 +191,11 @@ class Backend:
             compiled = Guarded(compiled, general_compiled, guards, index)
         return KeepAlive(compiled, keepalive) if keepalive else compiled
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], report_groups: list | None = None) -> Callable:
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], report: bool = True) -> Callable:
         if self.options.cache_invariants:
             return InvariantCaching(gm, example_inputs, lambda g, ex: inner_compile(self.options, g, ex),
-                                    self.report.cached if report_groups is None else report_groups)
+                                    self.report.cached if report else [], self.report.not_cached if report else [],
+                                    cache_weights=self.options.cache_invariants == "all")
         return inner_compile(self.options, gm, example_inputs)
 
 

@@ -31,6 +31,7 @@ class Report:
         self.cached: list = []  # attnfx.runtime.invariants.Group: values computed once per distinct input
         # what Dynamo did with the model on its first call: compiled or not (why), graph breaks (why)
         self.dynamo: dict[str, Any] = {}
+        self.not_cached: list = []  # groups kept uncut, each with why (values that read parameters)
 
     def add_graph(self, records: list[SiteRecord]) -> None:
         self.graphs += 1
@@ -72,6 +73,7 @@ class Report:
             "dynamo": dict(self.dynamo),
             "sites": [s.to_dict() for s in self.sites],
             "cached": [g.describe() for g in self.cached],
+            "not_cached": [g.describe() for g in self.not_cached],
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -109,6 +111,11 @@ class Report:
                 d = g.describe()
                 out.append(f"  {d['computes']}  [{d['found']}; {d['ops_saved_per_hit']} ops saved per hit; "
                            f"computed {d['computed']}x, reused {d['hits']}x]")
+        if self.not_cached:
+            out += ["", f"not cached, computed every call ({len(self.not_cached)} group(s)):"]
+            for g in self.not_cached:
+                d = g.describe()
+                out.append(f"  {d['computes']}  [{d['found']}; {d['why']}]")
         return "\n".join(out)
 
     def __repr__(self) -> str:

@@ -10,12 +10,17 @@ alongside: data-dependent sizes need Dynamo's shape environment). A guard is eva
 input tensor — cached in an :class:`~attnfx.runtime.cache.InputCache` keyed on the identity and version
 of its inputs — so a denoising loop that passes the same mask every step pays for it once (one host sync).
 Guards whose inputs change on every call stop being checked, and the general graph runs from then on.
+
+Concurrent calls: a guard's result comes from the cache, keyed on the call's own inputs; the counters
+(``new_in_a_row``, the report's statistics) are updated under the guard's lock and only decide when to stop
+checking — whichever graph then runs computes the same outputs.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -26,7 +31,8 @@ from attnfx.runtime.cache import InputCache
 
 log = logging.getLogger("attnfx")
 
-CHECKS = InputCache(max_entries=1024)
+CHECKS = InputCache(max_entries=1024, max_bytes=256 << 20)  # results are bools; bytes are copies of
+# inference-mode inputs (see attnfx.runtime.cache)
 STOP_CHECKING_AFTER = 4  # new values in a row after which the checks stop and the general graph runs
 _uids = itertools.count()
 
@@ -45,6 +51,7 @@ class Guard:
     uid: int = field(default_factory=lambda: next(_uids))
     new_in_a_row: int = 0
     stats: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
         self.stats.update({"what": self.what, "expects": self.expects, "checked": 0, "failed": 0})
@@ -63,12 +70,14 @@ class Guard:
             computed = True
             with torch.no_grad():
                 ok = bool(self.holds(self.prefix(*tensors)))
-            self.stats["checked"] += 1
-            self.stats["failed"] += not ok
+            with self.lock:
+                self.stats["checked"] += 1
+                self.stats["failed"] += not ok
             return ok
 
         ok = CHECKS.get_or_compute(("guard", self.uid), tensors, (), compute)
-        self.new_in_a_row = self.new_in_a_row + 1 if computed else 0
+        with self.lock:
+            self.new_in_a_row = self.new_in_a_row + 1 if computed else 0
         return ok
 
 

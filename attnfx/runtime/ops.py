@@ -12,12 +12,17 @@ online FP8, the mask analysed once per distinct mask.
 
 Per-site state lives in :data:`SITES`, which holds it weakly: the compiled graph keeps it alive (the
 ``keepalive`` list the backend attaches to what it returns), so it goes when the graph goes.
+
+Concurrent calls: shared state is read once into locals (``rt.last``, a plan's kernel) and replaced whole,
+never edited field by field where another call could read it half-written; plans are immutable once
+stored, except that a flex plan falling back to the dense SDPA switches its ``kernel`` (one write).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -31,13 +36,13 @@ import torch.nn.functional as F
 
 from attnfx.backends import execute, flex, npu
 from attnfx.fx.sites import SiteRecord
-from attnfx.masks import Analysis, allowed_of, classify
+from attnfx.masks import Analysis, General, allowed_of, classify
 from attnfx.runtime import steps
-from attnfx.runtime.cache import InputCache
+from attnfx.runtime.cache import InputCache, generation, tensor_bytes, versioned
 
 log = logging.getLogger("attnfx")
 
-PLANS = InputCache(max_entries=256)
+PLANS = InputCache(max_entries=256, max_bytes=256 << 20)
 
 
 @dataclass
@@ -47,6 +52,13 @@ class Plan:
     fill: str | None
     why: str
     block_mask: Any = None  # for the flex kernel: derived from the mask once
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the plan holds: a general mask kept for its kernel, the flex block mask."""
+        structure = self.analysis.structure if self.analysis is not None else None
+        held = tensor_bytes(structure.dense) if isinstance(structure, General) and structure.dense is not None else 0
+        return held + (flex.nbytes(self.block_mask) if self.block_mask is not None else 0)
 
 
 @dataclass
@@ -59,7 +71,9 @@ class SiteRuntime:
     autotune: bool = False
     on_plan: Callable[[Plan], None] | None = None  # reports each new plan
     reported: tuple | None = None  # (plan, its kernel and why) last reported; the plan held, not an id()
-    last: tuple | None = None  # (signature, plan) of the previous call: the common case, checked first
+    # (signature, plan, weak refs to the key tensors) of the previous call: the common case, checked first;
+    # replaced whole, read once
+    last: tuple | None = None
 
 
 class _Registry:
@@ -117,18 +131,19 @@ def _flex_mask(analysis: Analysis, q_len: int, kv_len: int, device):
 
 def _run(plan: Plan, q, k, v, mask, scale, enable_gqa):
     kw = {"enable_gqa": True} if enable_gqa else {}
-    if plan.kernel is None:
+    kernel = plan.kernel  # read once: another call may switch a failing flex plan to the dense SDPA
+    if kernel is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
-    if plan.kernel == "flex":
+    if kernel == "flex":
         try:
             return flex.attention(q, k, v, plan.block_mask, scale=scale, enable_gqa=enable_gqa)
         except Exception as e:  # e.g. Inductor cannot lower it for this shape: the dense mask, exactly
             log.warning("attnfx: FlexAttention failed for this mask (%s: %s); using the dense masked SDPA",
                         type(e).__name__, str(e).splitlines()[0][:120])
-            plan.kernel, plan.block_mask = None, None
             plan.why = f"flex failed here ({type(e).__name__}); the dense masked SDPA is used"
+            plan.kernel = None  # the block mask stays: a call that read "flex" before this line still needs it
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kw)
-    return execute.run(plan.analysis.structure, plan.kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
+    return execute.run(plan.analysis.structure, kernel, q, k, v, scale=scale, enable_gqa=enable_gqa,
                        fill=plan.fill or "zero")
 
 
@@ -183,23 +198,32 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
             plan = _autotune(plan, q, k, v, mask, scale, enable_gqa)
         if plan.kernel == "flex" and plan.block_mask is None:
             plan.block_mask = _flex_mask(analysis, q_len, kv_len, q.device)
+        if plan.kernel is None and analysis is not None and isinstance(analysis.structure, General):
+            # the dense SDPA reads the mask passed in: holding the classified copy would only keep memory
+            plan.analysis = dataclasses.replace(analysis, structure=General())
         return plan
 
-    # the same tensor objects at the same _version as on the previous call: the same plan, no key to build
-    signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(int(i) for i in key_ints),
-                 tuple((id(t), t._version) for t in key_tensors))
-    if rt.last is not None and rt.last[0] == signature and all(r() is t for r, t in zip(rt.last[2], key_tensors)):
-        return rt.last[1]
+    # the same tensor objects at the same _version as on the previous call: the same plan, no key to build.
+    # Tensors without a version counter (inference mode) go through the cache, which confirms their contents.
+    shortcut = all(versioned(t) for t in key_tensors)
+    if shortcut:
+        signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(int(i) for i in key_ints),
+                     tuple((id(t), t._version) for t in key_tensors), generation())
+        last = rt.last  # read once: other threads replace it
+        if last is not None and last[0] == signature and all(r() is t for r, t in zip(last[2], key_tensors)):
+            return last[1]
     namespace = (*rt.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-    plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse)
-    rt.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
+    plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse, nbytes=lambda p: p.nbytes)
+    if shortcut:
+        rt.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
     return plan
 
 
 def _report(rt: SiteRuntime, plan: Plan) -> None:
     """Tell the site's record about a new plan, or a plan whose kernel changed (a run-time fallback)."""
     now = (plan, plan.kernel, plan.why)
-    if rt.on_plan is not None and (rt.reported is None or any(a is not b for a, b in zip(rt.reported, now))):
+    reported = rt.reported
+    if rt.on_plan is not None and (reported is None or any(a is not b for a, b in zip(reported, now))):
         rt.reported = now
         rt.on_plan(plan)
 
@@ -299,13 +323,17 @@ class NpuSite:
 
 
 def _npu_structure(site_id: int, q, k, mask, key_tensors, key_ints):
-    """The mask's structure, analysed once per distinct mask (the plan cache), if it has no empty rows."""
+    """The mask's structure, analysed once per distinct mask (the plan cache), if it has no empty rows (a
+    general mask is passed dense: its classified copy is not kept)."""
     batch = q.shape[0]
-    analysis = PLANS.get_or_compute(("npu", site_id, tuple(q.shape), tuple(k.shape)), key_tensors, key_ints,
-                                    lambda: classify(mask, batch, q.shape[1], q.shape[2], k.shape[2]))
-    if analysis is None or analysis.empty_rows:
-        return None
-    return analysis.structure
+
+    def analyse():
+        analysis = classify(mask, batch, q.shape[1], q.shape[2], k.shape[2])
+        if analysis is None or analysis.empty_rows:
+            return None
+        return General() if isinstance(analysis.structure, General) else analysis.structure
+
+    return PLANS.get_or_compute(("npu", site_id, tuple(q.shape), tuple(k.shape)), key_tensors, key_ints, analyse)
 
 
 @torch.library.custom_op("attnfx::npu_attention", mutates_args=())
