@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 import attnfx
+from attnfx.rewriter.optimize import compile_with
 from attnfx.fx.graph import op_name
 
 
@@ -22,7 +23,7 @@ class Compiled:
         options.setdefault("compiler", keep)
         options.setdefault("strict", True)
         self.backend = attnfx.Backend(**options)
-        self.fn = torch.compile(fn, backend=self.backend, dynamic=dynamic)
+        self.fn = compile_with(self.backend, fn, dynamic=dynamic)  # as attnfx.optimize compiles
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

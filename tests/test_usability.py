@@ -160,3 +160,23 @@ def test_torch_logs_knows_attnfx():
     code = "import torch, attnfx, torch._logging._internal as i; print('attnfx' in i.log_registry.log_alias_to_log_qnames)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_masked_select_stays_in_attnfx_graphs_and_only_there():
+    def select(x):
+        return (x * 2).masked_select(x > 0).sum()
+
+    x = torch.randn(16)
+    opt = attnfx.optimize(select, compiler="eager")
+    assert opt(x) == select(x)
+    assert attnfx.report(opt).graphs == 1 and attnfx.report(opt).dynamo["graph_breaks"] == []
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops  # restored after the call
+    torch._dynamo.reset()
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(select, backend=count)(x)
+    assert len(graphs) >= 2  # plain torch.compile still breaks the graph at masked_select

@@ -96,14 +96,15 @@ class Backend:
     is the backend itself (transformers' ``CompileConfig`` deep-copies what it is given): one report.
     """
 
-    # entered by Dynamo around every frame it runs for this backend
-    backend_ctx_ctor = staticmethod(_dynamic_output_shapes)
 
     def __init__(self, options: Mapping[str, Any] | Options | None = None, *, report: Report | None = None,
                  root: Any = None, **more: Any):
         self.options = options if isinstance(options, Options) else Options.from_mapping(
             options, pattern_names=NAMES, **more)
         self.report = report if report is not None else Report()
+        # entered by Dynamo around every frame it runs for this backend (an instance attribute: Dynamo's
+        # wrapper of a backend copies the instance's __dict__)
+        self.backend_ctx_ctor = _dynamic_output_shapes
         self.layers: dict = {}  # attention site -> layer index, across this backend's graphs
         # the model being optimized, when known: sites are named as its named_modules() names them
         self.root = weakref.ref(root) if isinstance(root, torch.nn.Module) else None

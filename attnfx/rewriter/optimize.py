@@ -22,9 +22,16 @@ from attnfx.rewriter.report import Report
 log = logging.getLogger("attnfx")
 
 _BACKENDS: "weakref.WeakKeyDictionary[Any, Backend]" = weakref.WeakKeyDictionary()
-# torch.compile(isolate_recompiles=True): each optimized model gets its own compiled-code cache, so models
-# sharing code (a library's wrappers) do not use up each other's recompile limit
+# isolate_recompiles=True: each optimized model gets its own compiled-code cache, so models sharing code (a
+# library's wrappers) do not use up each other's recompile limit
 _ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def compile_with(backend: Backend, model: Any, *, dynamic: bool | None = None, fullgraph: bool = False) -> Any:
+    """What ``torch.compile(model, backend=backend, ...)`` does, less its wrapping of the backend: Dynamo then
+    sees the backend's own context (``Backend.backend_ctx_ctor``: masked_select kept in the graph)."""
+    kwargs = {"isolate_recompiles": True} if _ISOLATE else {}
+    return torch._dynamo.optimize(backend, nopython=fullgraph, dynamic=dynamic, **kwargs)(model)
 
 
 def optimize(
@@ -62,8 +69,7 @@ def optimize(
     if not isinstance(fullgraph, bool):
         raise OptionsError(f"fullgraph must be True or False, not {fullgraph!r}")
     backend = Backend(dict(compiler=compiler, mode=mode, patterns=patterns, verify=verify, **options), root=model)
-    kwargs = {"isolate_recompiles": True} if _ISOLATE else {}
-    compile_ = functools.partial(torch.compile, backend=backend, dynamic=dynamic, fullgraph=fullgraph, **kwargs)
+    compile_ = functools.partial(compile_with, backend, dynamic=dynamic, fullgraph=fullgraph)
     compiled = compile_(model)
     watch = _FirstCall(backend)
     if isinstance(compiled, torch.nn.Module):
