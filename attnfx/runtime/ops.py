@@ -314,7 +314,8 @@ def npu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
                   is_causal: bool) -> torch.Tensor:
     rt = SITES[site_id]
     step = steps.current_step(rt.layer)
-    quantize = rt.fp8 and step not in rt.skip_steps and rt.layer not in rt.skip_layers
+    skipped = steps.native_reason(rt.layer, step, rt.skip_steps, rt.skip_layers)
+    quantize = rt.fp8 and skipped is None
     allowed = bias = structure = None
     if mask is not None and rt.analysable:
         structure = _npu_structure(site_id, q, k, mask, key_tensors, key_ints)
@@ -330,8 +331,7 @@ def npu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
                               scale=scale, fp8=quantize, structure=structure)
     rt.calls.append((step, quantize))
     why = "FP8 (per-block, Hadamard-rotated Q/K)" if quantize else (
-        "native precision: " + ("step skipped" if step in rt.skip_steps else "layer skipped"
-                                if rt.layer in rt.skip_layers else "FP8 not requested"))
+        "native precision: " + (skipped or "FP8 not requested"))
     rt.record.details["npu"] = {"op": call.op, "layout": call.layout, "sparse_mode": call.sparse_mode,
                                 "quantized": quantize, "step": step, "layer": rt.layer, "why": why,
                                 "mask": structure.describe() if structure is not None else None}
