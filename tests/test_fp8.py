@@ -6,13 +6,13 @@ import dataclasses
 import math
 import sys
 
+import cudnn_emulator as emu
+import dit_loop as dit
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnfx
-import cudnn_emulator as emu
-import dit_loop as dit
 from attnfx.backends import capabilities, cudnn_fp8
 from attnfx.backends.hadamard import hadamard
 from attnfx.runtime import ops
@@ -128,7 +128,8 @@ def test_arguments_scales_and_layouts_passed_to_the_kernel(cudnn):
     d = site.details["fp8"]
     assert d["calls"] == {"fp8": 1} and d["last"] == {"step": 0, "precision": "fp8", "why": None}
     assert d["error"]["rel_l2"] < 0.02 and d["error"]["bound"] == 0.05 and d["error"]["step"] == 0
-    assert d["kernel"]["name"] == "cudnn.sdpa_fp8" and d["kernel"]["cudnn"] == 91900 and d["kernel"]["padded_to"] is None
+    assert d["kernel"]["name"] == "cudnn.sdpa_fp8" and d["kernel"]["cudnn"] == 91900
+    assert d["kernel"]["padded_to"] is None
     assert "per tensor" in d["scales"]
 
 
@@ -272,7 +273,8 @@ def test_selectors_choose_steps_and_layers(cudnn):
     assert len(cudnn.CALLS) == 2  # layer 0 at steps 2 and 3
     by_layer = {s.details["fp8"]["layer"]: s.details["fp8"] for s in sites(opt) if "fp8_attention" in s.applied}
     assert by_layer[0]["calls"] == {"native (step skipped)": 3, "fp8": 2}
-    assert by_layer[1]["calls"] == {"native (layer skipped)": 5} and by_layer[1]["precision"] == "native (layer skipped)"
+    assert by_layer[1]["calls"] == {"native (layer skipped)": 5}
+    assert by_layer[1]["precision"] == "native (layer skipped)"
     assert by_layer[0]["skip_steps"] == "0-1" and by_layer[0]["skip_layers"] == "1"
     attnfx.reset_steps()
     with torch.no_grad():
