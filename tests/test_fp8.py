@@ -129,7 +129,7 @@ def test_arguments_scales_and_layouts_passed_to_the_kernel(cudnn):
     assert d["calls"] == {"fp8": 1} and d["last"] == {"step": 0, "precision": "fp8", "why": None}
     assert d["error"]["rel_l2"] < 0.02 and d["error"]["bound"] == 0.05 and d["error"]["step"] == 0
     assert d["kernel"]["name"] == "cudnn.sdpa_fp8" and d["kernel"]["cudnn"] == 91900
-    assert d["kernel"]["padded_to"] is None
+    assert d["kernel"]["padded_to"] is None and d["kernel"]["binding"] == "tensor"
     assert "per tensor" in d["scales"]
 
 
@@ -203,6 +203,25 @@ def test_a_length_refused_unpadded_is_padded_to_128(cudnn):
     (call,) = cudnn.CALLS
     assert call["padding"] and call["q"].shape[2] == 384
     assert sites(opt)[0].details["fp8"]["kernel"]["padded_to"] == 384
+
+
+def test_a_kernel_that_fails_to_run_leaves_the_site_native_without_crashing(cudnn, monkeypatch):
+    def broken(self, pack, workspace, handle=None):
+        raise RuntimeError("CUDNN_STATUS_EXECUTION_FAILED")
+
+    monkeypatch.setattr(cudnn.pygraph, "execute", broken)
+    q, k, v = qkv(s=64)
+
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    opt = attnfx.optimize(attn, compiler="eager", fp8=True)
+    for _ in range(2):
+        torch.testing.assert_close(opt(q, k, v), attn(q, k, v), rtol=0, atol=0)
+    d = sites(opt)[0].details["fp8"]
+    assert d["disabled"] == "kernel failed: RuntimeError: CUDNN_STATUS_EXECUTION_FAILED"
+    assert d["calls"] == {"native (kernel failed)": 2}
+    assert cudnn_fp8.BINDING[0].startswith("pointers (tensors refused: RuntimeError")  # it tried raw pointers too
 
 
 # ------------------------------------------------------------------------------------------------- refusals, bound

@@ -160,6 +160,7 @@ def clear() -> None:
         _GRAPHS.clear()
     _HANDLES.handles.clear()
     _CONSTANTS.clear()
+    BINDING[0] = "tensor"
 
 
 def _handle(mod, device: torch.device):
@@ -248,13 +249,13 @@ def graph_for(mod, device: torch.device, q_shape, k_shape, v_shape, strides, cau
         try:
             hit = _build(mod, device, q_shape, k_shape, v_shape, strides, causal, attn_scale, 0)
         except Exception as e:  # noqa: BLE001 — the frontend raises its own types (cudnnGraphNotSupportedError...)
-            hit = KernelRefused(_short(e))
+            hit = KernelRefused(short(e))
             pad = (-q_shape[2]) % PAD_TO
             if pad and q_shape[2] == k_shape[2]:
                 try:
                     hit = _build(mod, device, q_shape, k_shape, v_shape, strides, causal, attn_scale, pad)
                 except Exception as e2:  # noqa: BLE001
-                    hit = KernelRefused(f"{_short(e)}; padded to {q_shape[2] + pad}: {_short(e2)}")
+                    hit = KernelRefused(f"{short(e)}; padded to {q_shape[2] + pad}: {short(e2)}")
         if isinstance(hit, Graph):
             hit.key = key
         with _GRAPHS_LOCK:
@@ -264,7 +265,8 @@ def graph_for(mod, device: torch.device, q_shape, k_shape, v_shape, strides, cau
     return hit
 
 
-def _short(e: BaseException) -> str:
+def short(e: BaseException) -> str:
+    """The exception in one line (its type and first line), for reports."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return f"{type(e).__name__}: {(lines[0] if lines else '')[:200]}"
 
@@ -274,6 +276,21 @@ def _padded(x: torch.Tensor, pad: int) -> torch.Tensor:
     buf = buf.view(FP8)
     buf[:, :, :x.shape[2]].copy_(x)
     return buf
+
+
+BINDING = ["tensor"]  # how buffers are bound: torch tensors, or (if the frontend refuses those) raw pointers
+
+
+def _execute(mod, g: Graph, pack: dict, workspace: torch.Tensor, handle) -> None:
+    """Run the graph; bound as torch tensors, else once more as raw device pointers (every frontend version takes
+    those: the declaration then describes the buffer; the tensors stay referenced by ``pack`` meanwhile)."""
+    if BINDING[0] == "tensor":
+        try:
+            g.graph.execute(pack, workspace, handle=handle)
+            return
+        except Exception as e:  # noqa: BLE001 — the frontend's own error types
+            BINDING[0] = f"pointers (tensors refused: {short(e)})"
+    g.graph.execute({t: x.data_ptr() for t, x in pack.items()}, workspace.data_ptr(), handle=handle)
 
 
 def attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
@@ -303,7 +320,7 @@ def attention(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: t
         pack[t["seq_q"]] = lengths
         pack[t["seq_kv"]] = lengths
     workspace = torch.empty(max(1, g.workspace), dtype=torch.uint8, device=device)
-    g.graph.execute(pack, workspace, handle=_handle(mod, device))
+    _execute(mod, g, pack, workspace, _handle(mod, device))
     g.calls += 1
     if g.pad:
         o8 = o8[:, :, :s].contiguous()

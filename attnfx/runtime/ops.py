@@ -421,7 +421,7 @@ def _fp8_report(rt: Fp8Site, step: int, why: str | None, graph: Any = None) -> N
     d["disabled"] = rt.disabled
     if graph is not None and not isinstance(d.get("kernel"), dict):
         d["kernel"] = {"name": cudnn_fp8.KERNEL, **cudnn_fp8.versions(cudnn_fp8.load()),
-                       "padded_to": graph.length + graph.pad if graph.pad else None}
+                       "padded_to": graph.length + graph.pad if graph.pad else None, "binding": cudnn_fp8.BINDING[0]}
 
 
 @torch.library.custom_op("attnfx::fp8_attention", mutates_args=(), **_FP8_OP_TAGS)
@@ -444,6 +444,10 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: Optiona
                                             attn_scale=attn_scale, causal=is_causal)
         except cudnn_fp8.KernelRefused as e:
             why = f"kernel unavailable: {e}"
+        except Exception as e:  # noqa: BLE001 — the kernel failed to run: native from now on, never a crash
+            rt.disabled = why = f"kernel failed: {cudnn_fp8.short(e)}"
+            log.warning("attnfx: FP8 attention failed at %s (%s); the site runs natively from now on",
+                        rt.record.module, why)
     if why is None and rt.error is None:  # the first FP8 call measures its error against the native kernel
         native = _native_attention(q, k, v, scale, is_causal, enable_gqa)
         deq = cudnn_fp8.dequantize(o8, descale_v, v_mean, rt.n_rep, q.dtype)
