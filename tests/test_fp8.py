@@ -251,6 +251,21 @@ def test_cross_attention_masks_and_gradients_stay_native(cudnn):
     assert "inference-only" in sites(opt)[0].reason and qg.grad is not None
 
 
+def test_a_self_attention_with_dead_query_rows_is_not_cross_attention(cudnn):
+    q, k, v = qkv(s=300)
+
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)[:, :, 4:]  # register tokens' rows are never read
+
+    opt = attnfx.optimize(attn, compiler="eager", fp8=True)
+    out = opt(q, k, v)
+    assert rel(out, attn(q.float(), k.float(), v.float())) < 0.02
+    (site,) = sites(opt)
+    assert site.applied == ["dead_tokens", "fp8_attention"]
+    (call,) = cudnn.CALLS
+    assert call["q"].shape[2] == 296 and call["k"].shape[2] == 300
+
+
 def test_above_the_error_bound_a_site_stays_native(cudnn):
     q, k, v = qkv(biased=False)  # i.i.d. inputs: FP8's worst case (~5%)
 

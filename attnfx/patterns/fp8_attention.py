@@ -20,11 +20,12 @@ Why the rewrite is exact (rotation, centring) or bounded (the FP8 rounding)
     capture into CUDA graphs (tag ``cudagraph_unsafe``). The report gives each site's precision per call and why.
 
 When it refuses (the site keeps the native kernel, and the report says why)
-    Cross-attention (K/V of another length than Q, e.g. text K/V), an attention mask other than ``is_causal``,
-    gradients recorded, dropout, a site not on CUDA, a dtype other than fp16/bf16/fp32, a head_dim that is not
-    a power of two or above the kernel's 256, inputs that are not 4-D, a scale that is not a number. At run time
-    (not refusals: the site's native path runs) a shape the kernel does not build (e.g. GQA, if refused) or a
-    GPU older than Hopper.
+    Cross-attention (K/V of another length than Q, e.g. text K/V; a self-attention whose rows ``dead_tokens``
+    narrowed is not, unless causal), an attention mask other than ``is_causal``, gradients recorded, dropout, a
+    site not on CUDA, a dtype other than fp16/bf16/fp32, a head_dim that is not a power of two or above the
+    kernel's 256, inputs that are not 4-D, a scale that is not a number. At run time (not refusals: the site's
+    native path runs) a shape the kernel does not build (e.g. GQA, if refused), a kernel that fails, or a GPU
+    older than Hopper.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
     if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0):
         raise _refuse(f"dropout_p={args['dropout_p']}")
     if not known_eq(q.shape[2], k.shape[2]):
-        raise _refuse(f"cross-attention ({k.shape[2]} keys for {q.shape[2]} queries): native precision")
+        if not _narrowed_self_attention(site, q.shape[2], k.shape[2]):
+            raise _refuse(f"cross-attention ({k.shape[2]} keys for {q.shape[2]} queries): native precision")
+        if args["is_causal"]:
+            raise _refuse("dead_tokens left fewer queries than keys under is_causal: native precision")
     if args["attn_mask"] is not None:
         raise _refuse("an attention mask: the FP8 kernel takes none or is_causal only (the mask stays on the "
                       "native kernels)")
@@ -119,6 +123,14 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
               "precision": "decided per call" if quantized else "native (layer skipped)"}
     return Outcome(target="attnfx::fp8_attention", node=res, output=out, details={"fp8": detail},
                    reason=None if quantized else f"layer {layer} is in skip_layers: native precision on every call")
+
+
+def _narrowed_self_attention(site: Site, q_len, kv_len) -> bool:
+    """A self-attention whose query rows (or key columns) ``dead_tokens`` narrowed: as many queries as keys before."""
+    dropped = site.record.details.get("dead_tokens") if "dead_tokens" in site.record.applied else None
+    if not isinstance(dropped, dict) or not all(isinstance(x, int) for x in (q_len, kv_len)):
+        return False
+    return q_len + dropped.get("queries", 0) == kv_len + dropped.get("keys", 0)
 
 
 def _constant(gm: fx.GraphModule, d: int, dtype: torch.dtype, device: torch.device) -> fx.Node:
