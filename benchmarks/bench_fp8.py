@@ -296,6 +296,7 @@ def table(result: dict) -> str:
                      f"{r['x_kernel']:6.2f}  {r['x_site']:6.2f}  {eb['normal']:.4f}/{eb['biased']:.4f}  "
                      f"   {ef['normal']:.4f}/{ef['biased']:.4f}      "
                      f"{fmt(r['site']['first_call_rel_l2_vs_bf16'], '.4f')}"
+                     + ("  (kernel padded to a multiple of 128)" if r["kernel_graph"].get("padded") else "")
                      + (f"  !! {r['warning']}" if r.get("warning") else ""))
     loop = result.get("loop") or {}
     if loop:
