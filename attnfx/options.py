@@ -18,6 +18,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from attnfx.backends import capabilities
+from attnfx.backends.cudnn_fp8 import CudnnUnavailable, load as load_cudnn
 from attnfx.backends.npu import NpuUnavailable, load as load_npu
 
 COMPILERS = ("inductor", "eager", "aot_eager")
@@ -81,6 +82,8 @@ class Options:
     specialize: bool = True  # specialize on masks / index sets passed in, checked once per distinct tensor
     npu: bool = False  # run SDPA sites on Ascend's fused infer attention (needs torch_npu)
     npu_fp8: bool = False  # ... with online FP8 (implies npu)
+    fp8: bool = False  # run SDPA sites on CUDA with online FP8 attention (cuDNN frontend sdpa_fp8)
+    fp8_max_error: float = 0.05  # relative L2 vs the native kernel above which an FP8 site stays native
     skip_steps: str = ""  # "0-2,4": denoising steps that stay in native precision
     skip_layers: str = ""  # "0,31": attention layers (site index in the model) that stay in native precision
     progress: bool = True  # log a line per graph whose rewrite and compile take long
@@ -98,7 +101,7 @@ class Options:
     @property
     def quantized(self) -> bool:
         """Whether some target quantizes attention (the step/layer selectors apply to it)."""
-        return self.npu_fp8
+        return self.npu_fp8 or self.fp8
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None = None, *, pattern_names: Sequence[str],
@@ -116,9 +119,16 @@ class Options:
             check = _CHECKS.get(name) or _TYPE_CHECKS.get(hints[name])
             if check is not None:
                 merged[name] = check(name, value)
-        if (merged.get("skip_steps") or merged.get("skip_layers")) and not merged.get("npu_fp8"):
+        if (merged.get("skip_steps") or merged.get("skip_layers")) and not (merged.get("npu_fp8") or merged.get("fp8")):
             raise OptionsError("skip_steps / skip_layers select what stays in native precision under FP8 "
-                               "attention: they need npu_fp8=True")
+                               "attention: they need npu_fp8=True or fp8=True")
+        if merged.get("fp8") and (merged.get("npu") or merged.get("npu_fp8")):
+            raise OptionsError("fp8 (CUDA, cuDNN) and npu / npu_fp8 (Ascend) are different targets: choose one")
+        if merged.get("fp8"):
+            try:
+                load_cudnn()
+            except CudnnUnavailable as e:
+                raise OptionsError(f"fp8=True needs the cuDNN frontend's FP8 attention but {e}") from None
         if merged.get("npu") or merged.get("npu_fp8"):
             try:
                 load_npu()
@@ -161,6 +171,12 @@ def _check_mode(name: str, value: Any) -> str | None:
     return None if value == "default" else value
 
 
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise OptionsError(f"{name} must be a positive number (a relative L2 error, e.g. 0.05), not {value!r}")
+    return float(value)
+
+
 def _check_selector(name: str, value: Any) -> str:
     try:
         parse_selector(value, name)
@@ -201,6 +217,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "compiler": _check_compiler, "mode": _check_mode, "skip_steps": _check_selector, "skip_layers": _check_selector,
     "kernel": _check_kernel, "inductor_config": _check_inductor_config, "patterns": lambda name, v: v,
     "cache_invariants": _check_cache_invariants,
+    "fp8_max_error": _check_fraction,
 }
 _TYPE_CHECKS: dict[Any, Callable[[str, Any], Any]] = {bool: _check_bool, typing.Optional[float]: _check_tolerance}
 

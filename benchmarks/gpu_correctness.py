@@ -7,7 +7,10 @@ with sliding-window layers (Mistral, Gemma3, Cohere2, OLMo3, EXAONE4: the window
 window_size), Bloom (batch×heads views, ALiBi) and Falcon —, every GQA spelling of tests/test_gqa.py with bool
 masks that include rows with no allowed key, every mask structure of tests/test_mask_structure.py and
 tests/test_windows.py on each CUDA kernel, and each windowed varlen kernel against the reference on packed
-sequences. Each case runs attnfx.optimize(..., verify=True) — HF models through Inductor, the spellings with
+sequences. FP8 cases (``--filter fp8``; need the cuDNN frontend): fp8=True on self-attention (plain, causal,
+GQA two ways, through Inductor, under CUDA graphs with a skipped step), a refused cross-attention and a small
+DiT loop; bounded, not exact: each checks the relative L2 against the original and that the sites ran FP8
+(or say why not). Each case runs attnfx.optimize(..., verify=True) — HF models through Inductor, the spellings with
 the eager inner compiler (the CUDA kernels are the same) — compares to the original, and records the report.
 Writes DIR/gpu_correctness.json; prints one line per case and a final tally.
 """
@@ -191,6 +194,105 @@ def structure_cases(dev):
                 yield f"mask {name} {kernel or 'auto'} {spelling}", case
 
 
+def fp8_cases(dev):
+    """fp8=True: outputs within a relative L2 bound of the original (float32 reference where cheap), sites that
+    ran FP8 on the calls they should (per the report), refusals with their reason."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import dit_loop as dit
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    def inputs(h=8, hkv=8, s=1000, d=128, b=2):
+        q = torch.randn(b, h, s, d, device=dev)
+        k = torch.randn(b, hkv, s, d, device=dev) + torch.randn(b, hkv, 1, d, device=dev)
+        v = torch.randn(b, hkv, s, d, device=dev) + 2 * torch.randn(b, hkv, 1, d, device=dev)
+        return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+    def ran_fp8(rep, expect: dict | None = None):
+        sites = [s for s in rep.sites if "fp8_attention" in s.applied]
+        assert sites, f"no site rewritten for FP8: {[s.reason for s in rep.sites]}"
+        for s in sites:
+            calls = s.details["fp8"].get("calls") or {}
+            if expect is not None:
+                assert calls == expect, f"calls {calls} != {expect}; last {s.details['fp8'].get('last')}"
+            assert calls.get("fp8"), f"the site never ran FP8: {s.details['fp8'].get('last')}"
+
+    for name, call, n_rep in (("self-attention", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), 1),
+                              ("causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 1),
+                              ("gqa enable_gqa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
+                                                                                                enable_gqa=True), 4),
+                              ("gqa repeat_kv", lambda q, k, v: F.scaled_dot_product_attention(
+                                  q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)), 4)):
+        for compiler in ("eager", "inductor"):
+            def case(call=call, n_rep=n_rep, compiler=compiler):
+                q, k, v = inputs(hkv=8 // n_rep)
+                opt = attnfx.optimize(call, compiler=compiler, fp8=True, verify=True)
+                out = opt(q, k, v)
+                err = rel(out, call(q.float(), k.float(), v.float()))
+                assert err < 0.03, f"relative L2 {err:.4f} vs float32"
+                rep = attnfx.report(opt)
+                if n_rep > 1 and not any((s.details.get("fp8") or {}).get("calls", {}).get("fp8") for s in rep.sites):
+                    print(f"   note: GQA ran natively: {[s.details.get('fp8', {}).get('last') for s in rep.sites]}")
+                else:
+                    ran_fp8(rep)
+                return err, rep
+            yield f"fp8 {name} {compiler}", case
+
+    def cuda_graphs():
+        q, k, v = inputs()
+
+        def call(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+        opt = attnfx.optimize(call, fp8=True, skip_steps="1", mode="reduce-overhead")
+        attnfx.reset_steps()
+        outs = []
+        for _ in range(5):  # steps 0..4; step 1 native: the op must decide on every call, replays included
+            outs.append(opt(q, k, v).clone())
+        native = call(q, k, v)
+        assert torch.equal(outs[1], native), "step 1 (skipped) is not the native kernel's output"
+        errs = [rel(o, call(q.float(), k.float(), v.float())) for o in outs]
+        assert all(e < 0.03 for e in errs) and not torch.equal(outs[2], native), errs
+        ran_fp8(attnfx.report(opt), {"fp8": 4, "native (step skipped)": 1})
+        return max(errs), attnfx.report(opt)
+    yield "fp8 reduce-overhead skip_steps", cuda_graphs
+
+    def cross():
+        q, k, v = inputs()
+        call = lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :, :77], v[:, :, :77])  # noqa: E731
+        opt = attnfx.optimize(call, fp8=True, verify=True)
+        out = opt(q, k, v)
+        (site,) = attnfx.report(opt).sites
+        assert "cross-attention (77 keys for 1000 queries)" in site.reason, site.reason
+        torch.testing.assert_close(out, call(q, k, v), rtol=2e-2, atol=2e-2)
+        return (out.float() - call(q, k, v).float()).abs().max().item(), attnfx.report(opt)
+    yield "fp8 cross-attention refused", cross
+
+    def loop():
+        torch.manual_seed(0)
+        model = dit.DiT(dim=256, heads=2, depth=2).to(dev, torch.bfloat16).eval()  # head_dim 128
+        latents, text, text_mask, ids = (t.to(dev) for t in dit.inputs(batch=2, size=32))
+
+        def run(m):
+            attnfx.reset_steps()
+            x = latents.bfloat16()
+            with torch.no_grad():
+                for i in range(6):
+                    t = torch.full((2,), 1 - i / 6, device=dev, dtype=torch.bfloat16)
+                    x = x - m(x, t, text.bfloat16(), text_mask, ids) / 6
+            return x.float()
+
+        ref = run(attnfx.optimize(model))
+        opt = attnfx.optimize(model, fp8=True, skip_steps="0-1", fp8_max_error=0.1)
+        out = run(opt)
+        cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+        assert cos > 0.99, f"cosine {cos:.5f}"
+        ran_fp8(attnfx.report(opt), {"native (step skipped)": 2, "fp8": 4})
+        return rel(out, ref), attnfx.report(opt)
+    yield "fp8 dit loop skip_steps=0-1", loop
+
+
 def _scaled(structure, f):
     """The same structure with every length multiplied by f."""
     from dataclasses import fields, replace
@@ -217,7 +319,7 @@ def main():
     dev = torch.device("cuda")
     results, failures = [], 0
     for cases in (hf_cases(dev), sliding_cases(dev), manual_cases(dev), gqa_cases(dev), structure_cases(dev),
-                  window_cases(dev)):
+                  window_cases(dev), fp8_cases(dev)):
         for name, case in cases:
             if wanted and not any(w in name for w in wanted):
                 continue
@@ -233,6 +335,8 @@ def main():
                     full = bool(sites) and all("manual_attention" in s.applied for s in sites)
                 if name.startswith("window "):
                     full = True
+                if name.startswith("fp8"):
+                    full = all("fp8_attention" in s.applied for s in sites)
                 status = "rewritten" if full else "partly refused"
                 row = {"case": name, "ok": True, "status": status, "max_err": err,
                        "verified": rep.verified if rep is not None else None,
@@ -240,6 +344,7 @@ def main():
                 kernels = sorted({(s.details.get("mask") or {}).get("kernel", s.details.get("sdpa_kernel", "?"))
                                   for s in sites})
                 reasons = sorted({s.reason for s in sites if s.reason})
+                reasons += [s.details["fp8"].get("calls") for s in sites if (s.details.get("fp8") or {}).get("calls")]
                 print(f"OK {status:14s} {name:48s} max_err={err:.2e} kernels={kernels} {reasons}", flush=True)
             except Exception as e:
                 row = {"case": name, "ok": False, "error": traceback.format_exc()}

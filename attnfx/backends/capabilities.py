@@ -121,12 +121,24 @@ TABLE += (
            no_key_rows=_ANY_FILL, window=(2, 5), note="pure PyTorch, for tests"),
 )
 
+# Online FP8 attention (``fp8=True``): takes the site's Q/K/V (dtypes below) and quantizes them; no masks.
+TABLE += (
+    Kernel("cudnn.sdpa_fp8", "cudnn_fp8", ("cuda",), (F16, BF16, F32), 256, mask=False, gqa="native",
+           causal=("top_left",), varlen=False, min_torch=(2, 5), min_arch=(9, 0),
+           no_key_rows={"bool": "n/a", "-inf": "n/a", "finfo.min": "n/a"},
+           verified="measured on H200 (cuDNN 9.19, frontend 1.32, benchmarks/probe_fp8.py): B=1, d=128, no mask, "
+                    "per-tensor descales (1,1,1,1); per-head (1,H,1,1) descales did not build; the output is FP8 "
+                    "on Hopper (bf16 refused). GQA and causal: not measured, the graph build decides at run time",
+           note="cuDNN frontend sdpa_fp8; bounded, not exact: relative L2 measured per site (fp8_max_error)"),
+)
+
 BY_NAME = {k.name: k for k in TABLE}
 
 
 def structured_kernels() -> list[str]:
-    """The kernels that run a mask structure's segments (what ``kernel=`` may force): every family but SDPA's own."""
-    return [k.name for k in TABLE if k.family != "sdpa"]
+    """The kernels that run a mask structure's segments (what ``kernel=`` may force): every family but SDPA's own
+    and the FP8 one (no masks)."""
+    return [k.name for k in TABLE if k.family not in ("sdpa", "cudnn_fp8")]
 
 
 def kernel(name: str) -> Kernel:

@@ -9,7 +9,8 @@ Contract (torch_npu docs; the FP8 mode as vllm-omni #2640 uses it):
     additive bias goes to ``pse_shift``; rows with no allowed key: ``inner_precise=2`` (row-invalid
     correction), which gives them 0;
   * FP8 (``query/key/value_quant_mode=7``): Q and K first multiplied by a random-sign Hadamard rotation
-    diag(r)·H/√D — orthogonal, so Q·Kᵀ is unchanged —, then Q quantized in 128-token blocks and K/V in
+    diag(r)·H/√D (``attnfx.backends.hadamard``, shared with the cuDNN FP8 target) — orthogonal, so Q·Kᵀ is
+    unchanged —, then Q quantized in 128-token blocks and K/V in
     256-token blocks to ``float8_e4m3fn`` with one float32 scale per (batch, head, block) = amax/448; the
     sequences padded to the block size (padded keys excluded through ``actual_seq_kvlen``) and the output
     cropped and cast back to the model's dtype.
@@ -18,13 +19,13 @@ Nothing here imports torch_npu until an NPU target is requested.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 from dataclasses import dataclass
 
 import torch
 
+from attnfx.backends.hadamard import hadamard
 from attnfx.masks import BlockDiagonal, Causal, Padding
 
 Q_BLOCK, KV_BLOCK, FP8_MAX = 128, 256, 448.0
@@ -44,22 +45,6 @@ def load():
     if not (hasattr(mod, "npu_fused_infer_attention_score_v2") or hasattr(mod, "npu_fused_infer_attention_score")):
         raise NpuUnavailable("torch_npu has neither npu_fused_infer_attention_score_v2 nor npu_fused_infer_attention_score")
     return mod
-
-
-def _sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-@functools.lru_cache(maxsize=32)
-def hadamard(dim: int, device: str, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """diag(r)·H/√dim with random signs r: orthogonal. Cached per (dim, device, dtype): an invariant."""
-    if dim & (dim - 1):
-        raise ValueError(f"the Hadamard rotation needs a power-of-two head_dim, not {dim}")
-    signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return (signs[:, None] * _sylvester(dim) / math.sqrt(dim)).to(device=device, dtype=dtype)
 
 
 def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:

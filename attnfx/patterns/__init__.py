@@ -25,11 +25,11 @@ Adding a pattern
 
 from __future__ import annotations
 
-from attnfx.patterns import dead_tokens, gqa, manual_attention, mask_structure, npu_attention
+from attnfx.patterns import dead_tokens, fp8_attention, gqa, manual_attention, mask_structure, npu_attention
 from attnfx.patterns.base import Pattern, order
 
 ORDER: tuple[Pattern, ...] = order([m.PATTERN for m in (
-    manual_attention, gqa, dead_tokens, npu_attention, mask_structure,
+    manual_attention, gqa, dead_tokens, npu_attention, fp8_attention, mask_structure,
 )])
 REGISTRY: dict[str, Pattern] = {p.name: p for p in ORDER}
 NAMES: tuple[str, ...] = tuple(REGISTRY)

@@ -10,6 +10,11 @@ with no allowed key cannot be reproduced) runs the original dense masked SDPA.
 ``attnfx::npu_attention``: SDPA on Ascend's fused infer attention (``attnfx.backends.npu``), natively or with
 online FP8, the mask analysed once per distinct mask.
 
+``attnfx::fp8_attention``: online FP8 attention on CUDA (``attnfx.backends.cudnn_fp8``) on inputs the graph has
+already rotated and quantized, or the native kernel — chosen per call (steps, layers, the error bound). Tagged
+``cudagraph_unsafe``: under CUDA graphs (mode="reduce-overhead") Inductor leaves it out of the captured graphs,
+so its per-call choice is made on every call, never frozen into a replay.
+
 Per-site state lives in :data:`SITES`, which holds it weakly: the compiled graph keeps it alive (the
 ``keepalive`` list the backend attaches to what it returns), so it goes when the graph goes.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
 import threading
@@ -34,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from attnfx.backends import execute, flex, npu
+from attnfx.backends import capabilities, cudnn_fp8, execute, flex, npu
 from attnfx.fx.sites import SiteRecord
 from attnfx.masks import Analysis, General, allowed_of, classify
 from attnfx.runtime import steps
@@ -342,7 +348,8 @@ def npu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
                   is_causal: bool) -> torch.Tensor:
     rt = SITES[site_id]
     step = steps.current_step(rt.layer)
-    quantize = rt.fp8 and step not in rt.skip_steps and rt.layer not in rt.skip_layers
+    skipped = steps.native_reason(rt.layer, step, rt.skip_steps, rt.skip_layers)
+    quantize = rt.fp8 and skipped is None
     allowed = bias = structure = None
     if mask is not None and rt.analysable:
         structure = _npu_structure(site_id, q, k, mask, key_tensors, key_ints)
@@ -358,8 +365,7 @@ def npu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
                               scale=scale, fp8=quantize, structure=structure)
     rt.calls.append((step, quantize))
     why = "FP8 (per-block, Hadamard-rotated Q/K)" if quantize else (
-        "native precision: " + ("step skipped" if step in rt.skip_steps else "layer skipped"
-                                if rt.layer in rt.skip_layers else "FP8 not requested"))
+        "native precision: " + (skipped or "FP8 not requested"))
     rt.record.details["npu"] = {"op": call.op, "layout": call.layout, "sparse_mode": call.sparse_mode,
                                 "quantized": quantize, "step": step, "layer": rt.layer, "why": why,
                                 "mask": structure.describe() if structure is not None else None}
@@ -369,3 +375,129 @@ def npu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
 @npu_attention.register_fake
 def _(q, k, v, mask, key_tensors, key_ints, site_id, scale, is_causal):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# attnfx::fp8_attention
+
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+# the tag keeps the op out of captured CUDA graphs (graph partition splits around it, or the graph runs uncaptured)
+_FP8_OP_TAGS = ({"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None
+                and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+_VERIFY = threading.local()
+
+
+@dataclass(eq=False)
+class Fp8Site:
+    """What the FP8 op needs to know about one rewritten site, and what it did there (written to the report)."""
+
+    layer: int
+    skip_steps: frozenset[int]
+    skip_layers: frozenset[int]
+    max_error: float
+    record: SiteRecord
+    n_rep: int = 1  # query heads per K/V head
+    disabled: str | None = None  # why the site stays native from now on (the error bound)
+    error: float | None = None  # relative L2 of its FP8 output vs the native kernel, measured once
+    supported: dict = field(default_factory=dict)  # (device, dtype) -> None or why the kernel does not run there
+    counts: collections.Counter = field(default_factory=collections.Counter)  # "fp8" / "native (why)" -> calls
+    calls: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))  # (step, precision)
+
+
+@contextlib.contextmanager
+def verifying():
+    """Verification's run of a rewritten graph: FP8 sites run quantized whatever the step (so their error is
+    measured now), and the step count is restored afterwards (the real call then runs as the same step)."""
+    was = getattr(_VERIFY, "active", False)
+    _VERIFY.active = True
+    try:
+        with steps.rerun():
+            yield
+    finally:
+        _VERIFY.active = was
+
+
+def _fp8_native_why(rt: Fp8Site, step: int, q: torch.Tensor, head_dim: int) -> str | None:
+    if rt.disabled is not None:
+        return rt.disabled
+    why = steps.native_reason(rt.layer, step, rt.skip_steps, rt.skip_layers)
+    if why == "step skipped" and getattr(_VERIFY, "active", False):
+        why = None  # verification measures the FP8 path now
+    if why is None:
+        key = (q.device, q.dtype)
+        if key not in rt.supported:
+            arch = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+            rt.supported[key] = capabilities.supports(cudnn_fp8.KERNEL, device=q.device.type, dtype=q.dtype,
+                                                      head_dim=head_dim, arch=arch)
+        if rt.supported[key] is not None:
+            why = f"kernel unavailable: {rt.supported[key]}"
+    return why
+
+
+def _native_attention(q, k, v, scale, is_causal, enable_gqa) -> torch.Tensor:
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, **kw).contiguous()
+
+
+def _fp8_report(rt: Fp8Site, step: int, why: str | None, graph: Any = None) -> None:
+    precision = "fp8" if why is None else "native"
+    rt.counts["fp8" if why is None else f"native ({why.split(':')[0]})"] += 1
+    rt.calls.append((step, precision))
+    d = rt.record.details.setdefault("fp8", {})
+    d["calls"] = dict(rt.counts)
+    d["last"] = {"step": step, "precision": precision, "why": why}
+    d["disabled"] = rt.disabled
+    if graph is not None and not isinstance(d.get("kernel"), dict):
+        d["kernel"] = {"name": cudnn_fp8.KERNEL, **cudnn_fp8.versions(cudnn_fp8.load()),
+                       "padded_to": graph.length + graph.pad if graph.pad else None, "binding": cudnn_fp8.BINDING[0]}
+
+
+@torch.library.custom_op("attnfx::fp8_attention", mutates_args=(), **_FP8_OP_TAGS)
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: Optional[torch.Tensor],
+                  k8: Optional[torch.Tensor], v8: Optional[torch.Tensor], descale_q: Optional[torch.Tensor],
+                  descale_k: Optional[torch.Tensor], descale_v: Optional[torch.Tensor],
+                  scale_o: Optional[torch.Tensor], v_mean: Optional[torch.Tensor], site_id: int, attn_scale: float,
+                  scale: Optional[float], is_causal: bool, enable_gqa: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o8, native, use_fp8): the graph takes dequantize(o8) where use_fp8, else native; the other output is
+    left uninitialized (``torch.where`` never reads it into the result)."""
+    rt = SITES[site_id]
+    step = steps.current_step(rt.layer)
+    shape = (*q.shape[:-1], v.shape[-1])
+    why = "layer skipped" if q8 is None else _fp8_native_why(rt, step, q, max(q.shape[-1], v.shape[-1]))
+    o8 = graph = native = None
+    if why is None:
+        try:
+            o8, graph = cudnn_fp8.attention(q8, k8, v8, descale_q, descale_k, descale_v, scale_o,
+                                            attn_scale=attn_scale, causal=is_causal)
+        except cudnn_fp8.KernelRefused as e:
+            why = f"kernel unavailable: {e}"
+        except Exception as e:  # noqa: BLE001 — the kernel failed to run: native from now on, never a crash
+            rt.disabled = why = f"kernel failed: {cudnn_fp8.short(e)}"
+            log.warning("attnfx: FP8 attention failed at %s (%s); the site runs natively from now on",
+                        rt.record.module, why)
+    if why is None and rt.error is None:  # the first FP8 call measures its error against the native kernel
+        native = _native_attention(q, k, v, scale, is_causal, enable_gqa)
+        deq = cudnn_fp8.dequantize(o8, descale_v, v_mean, rt.n_rep, q.dtype)
+        rt.error = float(cudnn_fp8.rel_l2(deq, native))  # one host sync, once per site
+        rt.record.details.setdefault("fp8", {})["error"] = {
+            "rel_l2": rt.error, "bound": rt.max_error, "step": step,
+            "measured": "first FP8 call, against the native kernel on the same inputs"}
+        if not rt.error <= rt.max_error:  # NaN too
+            rt.disabled = why = f"error bound: relative L2 {rt.error:.3g} > fp8_max_error {rt.max_error:g}"
+    if why is None:
+        out = (o8, q.new_empty(shape), torch.ones((), dtype=torch.bool, device=q.device))
+    else:
+        if native is None:
+            native = _native_attention(q, k, v, scale, is_causal, enable_gqa)
+        out = (q.new_empty(shape, dtype=cudnn_fp8.FP8), native, torch.zeros((), dtype=torch.bool, device=q.device))
+    _fp8_report(rt, step, why, graph)
+    return out
+
+
+@fp8_attention.register_fake
+def _(q, k, v, q8, k8, v8, descale_q, descale_k, descale_v, scale_o, v_mean, site_id, attn_scale, scale, is_causal,
+      enable_gqa):
+    shape = (*q.shape[:-1], v.shape[-1])
+    return (q.new_empty(shape, dtype=cudnn_fp8.FP8), q.new_empty(shape),
+            torch.empty((), dtype=torch.bool, device=q.device))

@@ -2,7 +2,7 @@
 
 The step index counts forward calls since the last :func:`reset_steps` (a new request): the first
 attention layer of the model (layer index 0) advances it each time it runs. ``with denoise_step(i):``
-sets it explicitly instead.
+sets it explicitly instead. :func:`native_reason` is the one step/layer selector of the FP8 targets.
 """
 
 from __future__ import annotations
@@ -44,3 +44,23 @@ def current_step(layer: int) -> int:
     if layer == 0:
         _state.count += 1
     return max(_state.count, 0)
+
+
+def native_reason(layer: int, step: int, skip_steps: frozenset[int], skip_layers: frozenset[int]) -> str | None:
+    """Why a quantized site runs in native precision at this call ("layer skipped" / "step skipped"), or None:
+    the one selector of ``skip_layers`` / ``skip_steps`` for every FP8 target."""
+    if layer in skip_layers:
+        return "layer skipped"
+    if step in skip_steps:
+        return "step skipped"
+    return None
+
+
+@contextlib.contextmanager
+def rerun():
+    """Run a forward call again as the same step (verification re-runs a graph): the count is restored after."""
+    saved = (_state.count, _state.explicit)
+    try:
+        yield
+    finally:
+        _state.count, _state.explicit = saved
