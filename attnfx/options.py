@@ -99,6 +99,11 @@ class Options:
         return parse_selector(self.skip_layers, "skip_layers")
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether Inductor runs the compiled graphs as CUDA graphs (what a replay repeats is fixed at capture)."""
+        return self.mode in ("reduce-overhead", "max-autotune") or bool(self.inductor_config.get("triton.cudagraphs"))
+
+    @property
     def quantized(self) -> bool:
         """Whether some target quantizes attention (the step/layer selectors apply to it)."""
         return self.npu_fp8 or self.fp8

@@ -266,8 +266,9 @@ def test_a_new_mask_at_a_reused_address_is_not_confused(specialize):
         ptrs.add(mask.data_ptr())
         assert mask._version == 0
         assert_same(c(q, k, v, mask), gqa_sdpa(q, k, v, mask))
-        if not specialize:
-            assert c.sites[0].details["mask"]["kind"] == ("none", "causal")[i % 2]
+        if not specialize:  # a new mask on every call: after a few, masks are no longer read
+            expected = ("none", "causal")[i % 2] if i < ops.STOP_ANALYSING_AFTER else "not read"
+            assert c.sites[0].details["mask"]["kind"] == expected
         del mask
         gc.collect()
     assert len(ptrs) == 1

@@ -33,7 +33,13 @@ When it refuses (the masked SDPA stays)
     random ops; a mask without usable structure, or one whose no-key rows the original kernel fills
     with values no other kernel gives (cuDNN with a bool mask); a sliding window where no windowed
     varlen kernel runs and band blocks would compute most of the dense scores anyway, or that falls
-    into too many pieces (right padding with a wide window).
+    into too many pieces (right padding with a wide window). By numbers (``attnfx.backends.cost``): a mask
+    not known when compiling, over at most 16 query rows (decoding: K/V are read once either way, and each
+    new mask would cost a host sync to read); a structure whose kernels are estimated no faster than the
+    dense masked kernel (launches, FLOPs, bytes at the device's rates); a run-time site whose masks are new on
+    every call stops reading them after a few calls. Under CUDA graphs (``mode="reduce-overhead"``), a plan
+    decided per call in Python would be frozen into the replay: only masks known when compiling, or passed in
+    and specialized on behind a guard checked outside the graph, are rewritten.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from attnfx.backends import capabilities, execute
+from attnfx.backends import capabilities, cost, execute
 from attnfx.backends import sdpa as sdpa_backend
 from attnfx.masks import Analysis, classify
 from attnfx.fx.graph import fake, replace_call
@@ -99,9 +105,16 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
     forced = ctx.options.kernel
     call_args = (args["query"], args["key"], args["value"])
 
+    static = not tensors and not ints  # computed from constants: read once, at compile time, at no run-time cost
+    q_len = q.shape[-2]
+    if not static and forced is None and cost.small_query(q.device.type, q_len):
+        raise Refused(f"cost model: {q_len} query row(s) (<= {cost.SMALL_QUERY}): the dense masked kernel reads K/V "
+                      "once and a structure saves nothing, while reading a mask passed in costs a host sync per new "
+                      "mask; the dense mask is kept, unread")
+
     value, guard, plan = None, None, None  # guard: the mask is passed in and the plan is specialized on it
     if forced != "flex" and not ctx.options.autotune:
-        if not tensors and not ints:
+        if static:
             value = evaluate(mask, node)
         elif not ints and all(isinstance(d, int) for d in (*q.shape, *k.shape)):
             value, guard = _specialize(mask, node, ctx)
@@ -109,10 +122,11 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
         batch = q.shape[0] if q.dim() == 4 else 1
         analysis = classify(value, batch, q.shape[-3], q.shape[-2], k.shape[-2])
         plan = ops.decide(analysis, no_key_rows, batch, q.shape[-2], k.shape[-2], q.device, q.dtype, q.shape[-1],
-                          forced)
+                          forced, heads=q.shape[-3])
         if plan.kernel is None:
             if guard is None:
-                raise Refused(plan.why, **({"mask": _mask_detail(analysis, "static")} if analysis else {}))
+                detail = {**_mask_detail(analysis, "static"), **({"cost": plan.cost} if plan.cost else {})}
+                raise Refused(plan.why, **({"mask": detail} if analysis else {}))
             plan = None  # nothing better for this mask passed in: the run-time op decides per mask
     if plan is not None:
         if guard is not None:
@@ -120,7 +134,10 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
         target: Any = StaticPlan(analysis, plan.kernel, plan.fill)
         new_args, new_kwargs = call_args, {"scale": args["scale"], "enable_gqa": bool(args["enable_gqa"])}
         detail = {**_mask_detail(analysis, "static" if guard is None else "specialized"), "kernel": plan.kernel,
-                  "why": plan.why}
+                  "why": plan.why, **({"cost": plan.cost} if plan.cost else {})}
+    elif ctx.options.cuda_graphs:
+        raise Refused(f"mode={ctx.options.mode or 'default'} with CUDA graphs: a plan decided per call in Python "
+                      "would be frozen into the replay; the dense mask is kept for masks not known when compiling")
     else:
         record = site.record
         namespace = (ctx.uid, mask.name)  # every site using this mask node shares its plans

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from attnfx.backends import capabilities, cudnn_fp8, execute, flex, npu
+from attnfx.backends import capabilities, cost, cudnn_fp8, execute, flex, npu
 from attnfx.fx.sites import SiteRecord
 from attnfx.masks import Analysis, General, allowed_of, classify
 from attnfx.runtime import steps
@@ -58,6 +58,8 @@ class Plan:
     fill: str | None
     why: str
     block_mask: Any = None  # for the flex kernel: derived from the mask once
+    cost: dict | None = None  # the cost model's estimates behind the choice (attnfx.backends.cost)
+    analysis_stopped: bool = False  # the site stopped reading masks (they were new on every call)
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +82,8 @@ class SiteRuntime:
     # (signature, plan, weak refs to the key tensors) of the previous call: the common case, checked first;
     # replaced whole, read once
     last: tuple | None = None
+    new_in_a_row: int = 0  # calls in a row that brought a mask not seen before
+    varying: Plan | None = None  # set once masks are new on every call: the dense plan, used from then on
 
 
 class _Registry:
@@ -116,9 +120,10 @@ def register(state: Any, keepalive: list) -> int:
 
 
 def decide(analysis: Analysis | None, no_key_rows: dict[str, str], batch: int, q_len: int, kv_len: int, device,
-           dtype: torch.dtype, head_dim: int, forced: str | None) -> Plan:
+           dtype: torch.dtype, head_dim: int, forced: str | None, heads: int = 1) -> Plan:
     """The plan for a classified mask — its kernel (None: the dense masked SDPA) and what its rows with no
-    allowed key get. Shared by the compile-time (static) and the run-time analysis."""
+    allowed key get. Shared by the compile-time (static) and the run-time analysis. Unless forced, a kernel is
+    kept only where the cost model (``attnfx.backends.cost``) says it beats the dense masked SDPA."""
     if analysis is None:
         return Plan(None, None, None, "the mask holds values other than 0 and -inf/finfo.min: an additive bias")
     fill = None
@@ -128,7 +133,18 @@ def decide(analysis: Analysis | None, no_key_rows: dict[str, str], batch: int, q
             return Plan(analysis, None, None, f"{analysis.empty_rows} row(s) have no allowed key and the original "
                                               f"kernel gives '{fill}' there: kept dense to match it")
     kernel, why = execute.choose_kernel(analysis.structure, batch, q_len, kv_len, device, dtype, head_dim, forced)
-    return Plan(analysis, kernel, fill, why)
+    if kernel is None or forced is not None:
+        return Plan(analysis, kernel, fill, why)
+    estimates = cost.compare(analysis.structure, kernel, torch.device(device).type, batch, heads, q_len, kv_len,
+                             head_dim, torch.empty((), dtype=dtype).element_size(), analysis.structure.batch)
+    if estimates is None:
+        return Plan(analysis, kernel, fill, why)
+    dense, structured = estimates
+    numbers = f"dense {dense.seconds * 1e6:.1f} us vs {kernel} {structured.seconds * 1e6:.1f} us (estimated)"
+    if not cost.pays(dense, structured):
+        return Plan(analysis, None, fill, f"cost model: {numbers}: the dense mask is kept",
+                    cost={"dense": dense.describe(), kernel: structured.describe()})
+    return Plan(analysis, kernel, fill, f"{why}; {numbers}", cost={"dense": dense.describe(), kernel: structured.describe()})
 
 
 def _flex_mask(analysis: Analysis, q_len: int, kv_len: int, device):
@@ -192,13 +208,22 @@ def _time(fn, device, reps: int = 5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+STOP_ANALYSING_AFTER = 4  # new masks in a row after which a site stops reading masks: each read is a host sync
+
+
 def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, enable_gqa=False) -> Plan:
+    varying = rt.varying
+    if varying is not None:  # masks change on every call: the dense mask, nothing read
+        return varying
     batch, heads, q_len, kv_len = q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2]
+    analysed = False
 
     def analyse() -> Plan:
+        nonlocal analysed
+        analysed = True
         analysis = classify(mask, batch, heads, q_len, kv_len)
         plan = decide(analysis, rt.no_key_rows, batch, q_len, kv_len, q.device, q.dtype, q.shape[-1],
-                      rt.forced_kernel)
+                      rt.forced_kernel, heads=heads)
         tunable = analysis is not None and (not analysis.empty_rows or plan.fill is not None)
         if rt.autotune and rt.forced_kernel is None and tunable:
             plan = _autotune(plan, q, k, v, mask, scale, enable_gqa)
@@ -220,6 +245,11 @@ def plan_for(rt: SiteRuntime, q, k, v, mask, key_tensors, key_ints, scale=None, 
             return last[1]
     namespace = (*rt.namespace, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     plan = PLANS.get_or_compute(namespace, key_tensors, key_ints, analyse, nbytes=lambda p: p.nbytes)
+    rt.new_in_a_row = rt.new_in_a_row + 1 if analysed else 0
+    if rt.new_in_a_row >= STOP_ANALYSING_AFTER and rt.forced_kernel is None and not rt.autotune:
+        rt.varying = Plan(None, None, None, f"a new mask on each of {rt.new_in_a_row} calls in a row: masks are no "
+                                            "longer read (each read is a host sync); the dense mask is used",
+                          analysis_stopped=True)
     if shortcut:
         rt.last = (signature, plan, [weakref.ref(t) for t in key_tensors])
     return plan
@@ -242,7 +272,15 @@ def _forward(q, k, v, mask, key_tensors, key_ints, site_id: int, scale, enable_g
     return out
 
 
-@torch.library.custom_op("attnfx::structured_attention", mutates_args=())
+# ops that decide per call in Python (a plan per mask, FP8 or not per step) must never be frozen into a CUDA
+# graph replay: the tag keeps them out of captured graphs (Inductor partitions the graph around them, or does
+# not capture that graph)
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_CUDAGRAPH_UNSAFE_TAGS = ({"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None
+                          and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+@torch.library.custom_op("attnfx::structured_attention", mutates_args=(), **_CUDAGRAPH_UNSAFE_TAGS)
 def structured_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                          key_tensors: list[torch.Tensor], key_ints: list[int], site_id: int,
                          scale: Optional[float], enable_gqa: bool) -> torch.Tensor:
@@ -305,9 +343,12 @@ structured_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def describe(plan: Plan) -> dict[str, Any]:
-    d = plan.analysis.describe() if plan.analysis is not None else {"kind": "bias"}
+    d = plan.analysis.describe() if plan.analysis is not None else {
+        "kind": "not read" if plan.analysis_stopped else "bias"}
     d["kernel"] = plan.kernel or "sdpa (dense mask kept)"
     d["why"] = plan.why
+    if plan.cost:
+        d["cost"] = plan.cost
     return d
 
 
@@ -380,10 +421,6 @@ def _(q, k, v, mask, key_tensors, key_ints, site_id, scale, is_causal):
 # ---------------------------------------------------------------------------------------------------
 # attnfx::fp8_attention
 
-_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
-# the tag keeps the op out of captured CUDA graphs (graph partition splits around it, or the graph runs uncaptured)
-_FP8_OP_TAGS = ({"tags": (_CUDAGRAPH_UNSAFE,)} if _CUDAGRAPH_UNSAFE is not None
-                and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 _VERIFY = threading.local()
 
 
@@ -452,7 +489,7 @@ def _fp8_report(rt: Fp8Site, step: int, why: str | None, graph: Any = None) -> N
                        "padded_to": graph.length + graph.pad if graph.pad else None, "binding": cudnn_fp8.BINDING[0]}
 
 
-@torch.library.custom_op("attnfx::fp8_attention", mutates_args=(), **_FP8_OP_TAGS)
+@torch.library.custom_op("attnfx::fp8_attention", mutates_args=(), **_CUDAGRAPH_UNSAFE_TAGS)
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: Optional[torch.Tensor],
                   k8: Optional[torch.Tensor], v8: Optional[torch.Tensor], descale_q: Optional[torch.Tensor],
                   descale_k: Optional[torch.Tensor], descale_v: Optional[torch.Tensor],
