@@ -125,8 +125,10 @@ def rewrite(site: Site, ctx: PassContext) -> Outcome | None:
                           forced, heads=q.shape[-3])
         if plan.kernel is None:
             if guard is None:
-                detail = {**_mask_detail(analysis, "static"), **({"cost": plan.cost} if plan.cost else {})}
-                raise Refused(plan.why, **({"mask": detail} if analysis else {}))
+                if analysis is None:
+                    raise Refused(plan.why)
+                raise Refused(plan.why, mask={**_mask_detail(analysis, "static"),
+                                              **({"cost": plan.cost} if plan.cost else {})})
             plan = None  # nothing better for this mask passed in: the run-time op decides per mask
     if plan is not None:
         if guard is not None:
